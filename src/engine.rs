@@ -1,0 +1,145 @@
+//! The validated way into llama.cpp: everything llama.cpp would abort on, or fail on
+//! with an unhelpful message, is checked here first, with an error that names the
+//! problem and the fix.
+
+use std::path::{Path, PathBuf};
+
+use crate::gguf::{GgufError, GgufFile, KvCacheType, ModelInfo};
+use crate::kvconfig::KvConfig;
+use crate::llama::{self, Context, ContextParams, FlashAttn, LlamaError, Model, ModelParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model file {0} does not exist (fetch the default model with scripts/fetch-model.py, or pass -m PATH)")]
+    ModelMissing(PathBuf),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Llama(#[from] LlamaError),
+    #[error(
+        "context of {requested} tokens (per sequence) is larger than the {trained} this model was trained for; use -c {trained} or less"
+    )]
+    ContextTooLong { requested: u32, trained: u32 },
+    #[error("a quantized V cache ({v}) needs flash attention; drop --flash-attn off, or use --cache-type-v f16")]
+    QuantizedVNeedsFlashAttn { v: KvCacheType },
+    #[error(
+        "the KV cache needs {need_mib:.0} MiB but only {avail_mib:.0} MiB of memory is available; lower -c, the batch, or use a smaller cache type (e.g. q4_0)"
+    )]
+    OutOfMemory { need_mib: f64, avail_mib: f64 },
+    #[error("{0}")]
+    Input(String),
+}
+
+/// A model loaded by llama.cpp, with the shape our own GGUF reader found in it.
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub params: ModelParams,
+    pub info: ModelInfo,
+    pub model: Model,
+}
+
+/// Validates the file with the project's own GGUF reader, then loads it in llama.cpp.
+pub fn load_model(path: &Path, params: &ModelParams) -> Result<LoadedModel, EngineError> {
+    if !path.exists() {
+        return Err(EngineError::ModelMissing(path.to_path_buf()));
+    }
+    let info = {
+        let file = GgufFile::open(path)?;
+        ModelInfo::from_gguf(&file)?
+    };
+    let model = Model::load(path, params)?;
+    Ok(LoadedModel { path: path.to_path_buf(), params: params.clone(), info, model })
+}
+
+/// What a context is made of, as the user states it.
+#[derive(Clone, Debug)]
+pub struct ContextConfig {
+    /// 0 = the model's training context.
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    pub n_seq: u32,
+    pub threads: i32,
+    pub kv: KvConfig,
+    pub flash_attn: FlashAttn,
+}
+
+impl ContextConfig {
+    pub fn new(n_ctx: u32) -> ContextConfig {
+        ContextConfig {
+            n_ctx,
+            n_batch: 2048,
+            n_ubatch: 512,
+            n_seq: 1,
+            threads: default_threads(),
+            kv: KvConfig::F16,
+            flash_attn: FlashAttn::Auto,
+        }
+    }
+}
+
+/// Physical cores are what llama.cpp's kernels scale with; hyper-threads rarely help.
+pub fn default_threads() -> i32 {
+    std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(4).clamp(1, 16)
+}
+
+impl LoadedModel {
+    /// Checks the configuration against the model and the machine, then creates the context.
+    pub fn new_context(&self, cfg: &ContextConfig) -> Result<Context<'_>, EngineError> {
+        let trained = self.info.n_ctx_train;
+        let n_ctx = if cfg.n_ctx == 0 { trained } else { cfg.n_ctx };
+        // Each sequence has its own stream of n_ctx / n_seq cells (kv_unified = false).
+        let per_seq = n_ctx / cfg.n_seq.max(1);
+        if trained > 0 && per_seq > trained {
+            return Err(EngineError::ContextTooLong { requested: per_seq, trained });
+        }
+        if cfg.kv.v.ggml_type().is_quantized() && cfg.flash_attn == FlashAttn::Off {
+            return Err(EngineError::QuantizedVNeedsFlashAttn { v: cfg.kv.v });
+        }
+        if cfg.threads < 1 {
+            return Err(EngineError::Input(format!("--threads must be at least 1, not {}", cfg.threads)));
+        }
+        if cfg.n_batch == 0 || cfg.n_ubatch == 0 || cfg.n_seq == 0 {
+            return Err(EngineError::Input(
+                "--batch-size, --ubatch-size and the sequence count must be positive".into(),
+            ));
+        }
+        let need =
+            self.info.kv_bytes(n_ctx, cfg.kv.k, cfg.kv.v, false, cfg.n_seq, cfg.n_ubatch).map_err(EngineError::Gguf)?;
+        // A no_alloc model only sizes buffers (see `crate::plan`): nothing to fit in memory.
+        if let Some(avail) = available_memory().filter(|_| !self.params.no_alloc) {
+            if need > avail {
+                return Err(EngineError::OutOfMemory { need_mib: need as f64 / MIB, avail_mib: avail as f64 / MIB });
+            }
+        }
+        let mut p = ContextParams::new(n_ctx, cfg.threads);
+        p.n_batch = cfg.n_batch.min(n_ctx);
+        p.n_ubatch = cfg.n_ubatch.min(p.n_batch);
+        p.n_seq_max = cfg.n_seq;
+        p.type_k = cfg.kv.k.ggml_type().id();
+        p.type_v = cfg.kv.v.ggml_type().id();
+        p.flash_attn = cfg.flash_attn;
+        Ok(Context::new(&self.model, &p)?)
+    }
+}
+
+pub const MIB: f64 = 1024.0 * 1024.0;
+
+/// Memory the system can still give (MemAvailable on Linux); None where unknown.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Which build this is: llama.cpp's CPU features and the logquant patch version.
+pub fn build_description() -> String {
+    format!(
+        "logquant {} (patch series {}), CPU flags {}: {}",
+        env!("CARGO_PKG_VERSION"),
+        llama::patch_version(),
+        env!("LOGQUANT_CPU_FLAGS"),
+        llama::system_info().trim_end_matches([' ', '|'])
+    )
+}

@@ -1,0 +1,23 @@
+//! logquant: GGUF models on a patched llama.cpp, measured side by side with
+//! llama.cpp's own KV cache types.
+//!
+//! - [`gguf`]: the project's own GGUF reader and writer, model shapes, KV sizing;
+//! - [`llama`]: the safe wrapper over llama.cpp (the only `unsafe` code);
+//! - [`engine`]: validation before anything reaches llama.cpp;
+//! - [`generate`], [`eval`], [`bench`], [`plan`]: what the commands do;
+//! - [`kvconfig`]: names of KV cache configurations.
+
+pub mod bench;
+pub mod engine;
+pub mod eval;
+pub mod generate;
+pub mod gguf;
+pub mod kvconfig;
+pub mod llama;
+pub mod plan;
+pub mod progress;
+pub mod report;
+
+mod sys {
+    pub(crate) mod ffi;
+}

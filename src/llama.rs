@@ -1,0 +1,632 @@
+//! Safe, RAII wrappers over the patched llama.cpp. This is the only module with
+//! `unsafe`: every raw pointer (model, context, batch, sampler) is owned by one type
+//! here and freed in its `Drop`. Callers validate their input before it gets here
+//! where llama.cpp would abort on it (see `crate::engine`); this module checks what
+//! it can itself (bounds, null returns) and turns every failure into a `LlamaError`.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, Once};
+
+use crate::sys::ffi;
+
+/// A token id of the model's vocabulary.
+pub type Token = i32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaError {
+    #[error("llama.cpp could not load model {path}: {reason}")]
+    ModelLoad { path: PathBuf, reason: String },
+    #[error("llama.cpp could not create a context: {reason}")]
+    ContextCreate { reason: String },
+    #[error("tokenization failed: {0}")]
+    Tokenize(String),
+    #[error("decode failed: {0}")]
+    Decode(String),
+    #[error("the batch holds {capacity} tokens; cannot add more")]
+    BatchFull { capacity: usize },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+// ---------------------------------------------------------------------------------
+// Process-wide setup and logging
+// ---------------------------------------------------------------------------------
+
+static INIT: Once = Once::new();
+static VERBOSE: AtomicBool = AtomicBool::new(false);
+/// The last error and warning lines llama.cpp logged, to explain a failure to the user.
+static RECENT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+const RECENT_MAX: usize = 16;
+
+/// Route llama.cpp's and ggml's log through Rust: quiet unless `verbose`, but the
+/// latest warnings and errors are kept to name the cause when a call fails.
+pub fn init(verbose: bool) {
+    VERBOSE.store(verbose, Ordering::SeqCst);
+    INIT.call_once(|| unsafe {
+        ffi::llama_log_set(Some(log_callback), std::ptr::null_mut());
+        ffi::llama_backend_init();
+    });
+}
+
+unsafe extern "C" fn log_callback(level: ffi::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+    if text.is_null() {
+        return;
+    }
+    let line = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    if VERBOSE.load(Ordering::Relaxed) {
+        eprint!("{line}");
+    }
+    if level == ffi::ggml_log_level_GGML_LOG_LEVEL_ERROR || level == ffi::ggml_log_level_GGML_LOG_LEVEL_WARN {
+        let trimmed = line.trim();
+        if !trimmed.is_empty() {
+            let mut recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT_MAX {
+                recent.remove(0);
+            }
+            recent.push(trimmed.to_string());
+        }
+    }
+}
+
+/// Takes the warnings and errors logged since the last call, joined for a message.
+fn take_recent_log() -> String {
+    let mut recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
+    let text = recent.join("; ");
+    recent.clear();
+    if text.is_empty() {
+        "no reason given (run with -v to see llama.cpp's log)".into()
+    } else {
+        text
+    }
+}
+
+/// llama.cpp's description of the build (CPU features, backends, the logquant patch).
+pub fn system_info() -> String {
+    init(VERBOSE.load(Ordering::Relaxed));
+    unsafe { CStr::from_ptr(ffi::llama_print_system_info()) }.to_string_lossy().into_owned()
+}
+
+/// The version of the logquant patch series compiled into llama.cpp.
+pub fn patch_version() -> String {
+    unsafe { CStr::from_ptr(ffi::logquant_patch_version()) }.to_string_lossy().into_owned()
+}
+
+// ---------------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct ModelParams {
+    /// Layers to offload to a GPU backend; -1 = all. Ignored by a CPU-only build.
+    pub gpu_layers: i32,
+    pub use_mmap: bool,
+    /// Load only metadata: llama.cpp sizes every buffer (weights, KV, compute) as it
+    /// would for real and reports the sizes, but allocates nothing and cannot decode.
+    pub no_alloc: bool,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        ModelParams { gpu_layers: -1, use_mmap: true, no_alloc: false }
+    }
+}
+
+pub struct Model {
+    ptr: NonNull<ffi::llama_model>,
+}
+
+// llama.cpp's model is immutable after loading and documented as shareable between
+// contexts on several threads.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+impl Model {
+    /// Loads a GGUF file. The caller should have validated the file with the project's
+    /// own reader first (`crate::gguf`): llama.cpp's loader may abort on some corrupt files.
+    pub fn load(path: &Path, params: &ModelParams) -> Result<Model, LlamaError> {
+        init(VERBOSE.load(Ordering::Relaxed));
+        let c_path = CString::new(path.to_string_lossy().as_bytes())
+            .map_err(|_| LlamaError::InvalidArgument(format!("path {} contains a NUL byte", path.display())))?;
+        let mut mp = unsafe { ffi::llama_model_default_params() };
+        mp.n_gpu_layers = params.gpu_layers;
+        mp.no_alloc = params.no_alloc;
+        if !params.use_mmap {
+            mp.load_mode = ffi::llama_load_mode_LLAMA_LOAD_MODE_NONE;
+        }
+        take_recent_log();
+        let ptr = unsafe { ffi::llama_model_load_from_file(c_path.as_ptr(), mp) };
+        NonNull::new(ptr)
+            .map(|ptr| Model { ptr })
+            .ok_or_else(|| LlamaError::ModelLoad { path: path.to_path_buf(), reason: take_recent_log() })
+    }
+
+    fn vocab(&self) -> *const ffi::llama_vocab {
+        unsafe { ffi::llama_model_get_vocab(self.ptr.as_ptr()) }
+    }
+
+    pub fn n_ctx_train(&self) -> u32 {
+        unsafe { ffi::llama_model_n_ctx_train(self.ptr.as_ptr()) }.max(0) as u32
+    }
+
+    pub fn n_layer(&self) -> u32 {
+        unsafe { ffi::llama_model_n_layer(self.ptr.as_ptr()) }.max(0) as u32
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        unsafe { ffi::llama_vocab_n_tokens(self.vocab()) }.max(0) as usize
+    }
+
+    /// Size of the weights in bytes.
+    pub fn size(&self) -> u64 {
+        unsafe { ffi::llama_model_size(self.ptr.as_ptr()) }
+    }
+
+    pub fn n_params(&self) -> u64 {
+        unsafe { ffi::llama_model_n_params(self.ptr.as_ptr()) }
+    }
+
+    /// llama.cpp's one-line description, e.g. "gemma3 270M Q4_K - Medium".
+    pub fn description(&self) -> String {
+        let mut buf = vec![0u8; 256];
+        let n = unsafe { ffi::llama_model_desc(self.ptr.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        buf.truncate(n.clamp(0, 255) as usize);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    pub fn bos(&self) -> Token {
+        unsafe { ffi::llama_vocab_bos(self.vocab()) }
+    }
+
+    /// True for end-of-generation tokens (EOS, EOT, ...).
+    pub fn is_eog(&self, token: Token) -> bool {
+        unsafe { ffi::llama_vocab_is_eog(self.vocab(), token) }
+    }
+
+    /// Text to tokens. `add_special` adds BOS (or what the model is configured with).
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<Token>, LlamaError> {
+        let len = i32::try_from(text.len()).map_err(|_| LlamaError::Tokenize("text longer than 2 GiB".into()))?;
+        let mut tokens = vec![0 as Token; text.len() + 2];
+        let mut n = unsafe {
+            ffi::llama_tokenize(
+                self.vocab(),
+                text.as_ptr().cast(),
+                len,
+                tokens.as_mut_ptr(),
+                tokens.len() as i32,
+                add_special,
+                false,
+            )
+        };
+        if n < 0 && n != i32::MIN {
+            tokens.resize((-n) as usize, 0);
+            n = unsafe {
+                ffi::llama_tokenize(
+                    self.vocab(),
+                    text.as_ptr().cast(),
+                    len,
+                    tokens.as_mut_ptr(),
+                    tokens.len() as i32,
+                    add_special,
+                    false,
+                )
+            };
+        }
+        if n < 0 {
+            return Err(LlamaError::Tokenize(format!("llama_tokenize returned {n}")));
+        }
+        tokens.truncate(n as usize);
+        Ok(tokens)
+    }
+
+    /// The bytes of one token (may be part of a UTF-8 character). Special tokens render empty.
+    pub fn token_bytes(&self, token: Token) -> Result<Vec<u8>, LlamaError> {
+        self.check_token(token)?;
+        let mut buf = vec![0u8; 64];
+        let mut n = unsafe {
+            ffi::llama_token_to_piece(self.vocab(), token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false)
+        };
+        if n < 0 {
+            buf.resize((-n) as usize, 0);
+            n = unsafe {
+                ffi::llama_token_to_piece(self.vocab(), token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false)
+            };
+        }
+        if n < 0 {
+            return Err(LlamaError::Tokenize(format!("llama_token_to_piece returned {n} for token {token}")));
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    /// Tokens to text (inverse of `tokenize`, without special tokens).
+    pub fn detokenize(&self, tokens: &[Token]) -> Result<String, LlamaError> {
+        for &t in tokens {
+            self.check_token(t)?;
+        }
+        let mut buf = vec![0u8; tokens.len() * 8 + 16];
+        let call = |buf: &mut Vec<u8>| unsafe {
+            ffi::llama_detokenize(
+                self.vocab(),
+                tokens.as_ptr(),
+                tokens.len() as i32,
+                buf.as_mut_ptr().cast(),
+                buf.len() as i32,
+                true,
+                false,
+            )
+        };
+        let mut n = call(&mut buf);
+        if n < 0 {
+            buf.resize((-n) as usize, 0);
+            n = call(&mut buf);
+        }
+        if n < 0 {
+            return Err(LlamaError::Tokenize(format!("llama_detokenize returned {n}")));
+        }
+        buf.truncate(n as usize);
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    fn check_token(&self, token: Token) -> Result<(), LlamaError> {
+        if token < 0 || token as usize >= self.n_vocab() {
+            return Err(LlamaError::InvalidArgument(format!(
+                "token {token} is outside the vocabulary (0..{})",
+                self.n_vocab()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        unsafe { ffi::llama_model_free(self.ptr.as_ptr()) }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Context
+// ---------------------------------------------------------------------------------
+
+/// A KV cache element type, as ggml numbers it (`ggml_type`).
+pub type GgmlTypeId = u32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashAttn {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct ContextParams {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    pub n_seq_max: u32,
+    pub n_threads: i32,
+    pub n_threads_batch: i32,
+    pub type_k: GgmlTypeId,
+    pub type_v: GgmlTypeId,
+    pub flash_attn: FlashAttn,
+    /// Full-size cache for sliding-window layers. llama.cpp's tools use false; so do we.
+    pub swa_full: bool,
+    /// One KV buffer shared by all sequences (true) or one stream per sequence.
+    pub kv_unified: bool,
+    /// Compute logits for every token of a batch that asks for them (always true here).
+    pub offload_kqv: bool,
+}
+
+impl ContextParams {
+    pub fn new(n_ctx: u32, n_threads: i32) -> ContextParams {
+        ContextParams {
+            n_ctx,
+            n_batch: 2048.min(n_ctx.max(1)),
+            n_ubatch: 512.min(n_ctx.max(1)),
+            n_seq_max: 1,
+            n_threads,
+            n_threads_batch: n_threads,
+            type_k: ffi::ggml_type_GGML_TYPE_F16,
+            type_v: ffi::ggml_type_GGML_TYPE_F16,
+            flash_attn: FlashAttn::Auto,
+            swa_full: false,
+            kv_unified: false,
+            offload_kqv: true,
+        }
+    }
+}
+
+/// Bytes llama.cpp allocated, read from its buffers (see logquant.h).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryBreakdown {
+    pub model_host: usize,
+    pub model_device: usize,
+    /// The KV cache.
+    pub context_host: usize,
+    pub context_device: usize,
+    pub compute_host: usize,
+    pub compute_device: usize,
+}
+
+impl MemoryBreakdown {
+    pub fn kv_bytes(&self) -> usize {
+        self.context_host + self.context_device
+    }
+}
+
+pub struct Context<'m> {
+    ptr: NonNull<ffi::llama_context>,
+    model: &'m Model,
+    n_ctx: u32,
+    n_batch: u32,
+    n_seq_max: u32,
+}
+
+impl<'m> Context<'m> {
+    pub fn new(model: &'m Model, params: &ContextParams) -> Result<Context<'m>, LlamaError> {
+        if params.n_ctx == 0 || params.n_batch == 0 || params.n_ubatch == 0 || params.n_seq_max == 0 {
+            return Err(LlamaError::InvalidArgument(
+                "context size, batch size, micro-batch size and sequence count must be positive".into(),
+            ));
+        }
+        let mut cp = unsafe { ffi::llama_context_default_params() };
+        cp.n_ctx = params.n_ctx;
+        cp.n_batch = params.n_batch;
+        cp.n_ubatch = params.n_ubatch.min(params.n_batch);
+        cp.n_seq_max = params.n_seq_max;
+        cp.n_threads = params.n_threads;
+        cp.n_threads_batch = params.n_threads_batch;
+        cp.type_k = params.type_k;
+        cp.type_v = params.type_v;
+        cp.flash_attn_type = match params.flash_attn {
+            FlashAttn::Auto => ffi::llama_flash_attn_type_LLAMA_FLASH_ATTN_TYPE_AUTO,
+            FlashAttn::On => ffi::llama_flash_attn_type_LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            FlashAttn::Off => ffi::llama_flash_attn_type_LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        };
+        cp.swa_full = params.swa_full;
+        cp.kv_unified = params.kv_unified;
+        cp.offload_kqv = params.offload_kqv;
+        cp.no_perf = true;
+        take_recent_log();
+        let ptr = unsafe { ffi::llama_init_from_model(model.ptr.as_ptr(), cp) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| LlamaError::ContextCreate { reason: take_recent_log() })?;
+        let (n_ctx, n_batch) = unsafe { (ffi::llama_n_ctx(ptr.as_ptr()), ffi::llama_n_batch(ptr.as_ptr())) };
+        Ok(Context { ptr, model, n_ctx, n_batch, n_seq_max: params.n_seq_max })
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// The context size llama.cpp settled on (it may round up).
+    pub fn n_ctx(&self) -> u32 {
+        self.n_ctx
+    }
+
+    pub fn n_batch(&self) -> u32 {
+        self.n_batch
+    }
+
+    pub fn n_seq_max(&self) -> u32 {
+        self.n_seq_max
+    }
+
+    /// Runs the model over `batch`, appending its tokens to the KV cache.
+    pub fn decode(&mut self, batch: &Batch) -> Result<(), LlamaError> {
+        if batch.is_empty() {
+            return Err(LlamaError::Decode("empty batch".into()));
+        }
+        if batch.len() > self.n_batch as usize {
+            return Err(LlamaError::Decode(format!(
+                "batch of {} tokens exceeds the batch size {} (raise -b)",
+                batch.len(),
+                self.n_batch
+            )));
+        }
+        for i in 0..batch.len() {
+            let seq = batch.seq_of(i);
+            if seq < 0 || seq as u32 >= self.n_seq_max {
+                return Err(LlamaError::Decode(format!(
+                    "sequence id {seq} outside 0..{} of this context",
+                    self.n_seq_max
+                )));
+            }
+            self.model.check_token(batch.token_of(i)).map_err(|e| LlamaError::Decode(e.to_string()))?;
+        }
+        take_recent_log();
+        let rc = unsafe { ffi::llama_decode(self.ptr.as_ptr(), batch.raw) };
+        match rc {
+            0 => Ok(()),
+            1 => Err(LlamaError::Decode(
+                "the KV cache is full: no slot for the batch (raise -c or shorten the input)".into(),
+            )),
+            2 => Err(LlamaError::Decode("aborted".into())),
+            -1 => Err(LlamaError::Decode(format!("invalid batch: {}", take_recent_log()))),
+            rc => Err(LlamaError::Decode(format!("llama_decode failed ({rc}): {}", take_recent_log()))),
+        }
+    }
+
+    /// Logits of the i-th token of the last decoded batch (which must have asked for them).
+    pub fn logits(&self, i: usize, batch: &Batch) -> Result<&[f32], LlamaError> {
+        if i >= batch.len() || !batch.wants_logits(i) {
+            return Err(LlamaError::InvalidArgument(format!("batch position {i} produced no logits")));
+        }
+        let ptr = unsafe { ffi::llama_get_logits_ith(self.ptr.as_ptr(), i as i32) };
+        if ptr.is_null() {
+            return Err(LlamaError::InvalidArgument(format!("no logits for batch position {i}")));
+        }
+        Ok(unsafe { std::slice::from_raw_parts(ptr, self.model.n_vocab()) })
+    }
+
+    /// Forgets every token of every sequence.
+    pub fn clear(&mut self) {
+        unsafe { ffi::llama_memory_clear(ffi::llama_get_memory(self.ptr.as_ptr()), true) }
+    }
+
+    /// Removes positions [p0, p1) of a sequence (p1 < 0: to the end).
+    pub fn remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
+        unsafe { ffi::llama_memory_seq_rm(ffi::llama_get_memory(self.ptr.as_ptr()), seq, p0, p1) }
+    }
+
+    /// The highest position held for `seq`, or -1 when the sequence is empty.
+    pub fn pos_max(&self, seq: i32) -> i32 {
+        unsafe { ffi::llama_memory_seq_pos_max(ffi::llama_get_memory(self.ptr.as_ptr()), seq) }
+    }
+
+    /// Allocation sizes read from llama.cpp's buffers.
+    pub fn memory(&self) -> MemoryBreakdown {
+        let mut m = ffi::logquant_memory {
+            model_host: 0,
+            model_device: 0,
+            context_host: 0,
+            context_device: 0,
+            compute_host: 0,
+            compute_device: 0,
+        };
+        unsafe { ffi::logquant_memory_breakdown(self.ptr.as_ptr(), &mut m) };
+        MemoryBreakdown {
+            model_host: m.model_host,
+            model_device: m.model_device,
+            context_host: m.context_host,
+            context_device: m.context_device,
+            compute_host: m.compute_host,
+            compute_device: m.compute_device,
+        }
+    }
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        unsafe { ffi::llama_free(self.ptr.as_ptr()) }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Batch
+// ---------------------------------------------------------------------------------
+
+/// Tokens to decode together, each with its position, sequence and whether its
+/// logits are wanted. One sequence id per token.
+pub struct Batch {
+    raw: ffi::llama_batch,
+    capacity: usize,
+}
+
+impl Batch {
+    pub fn new(capacity: usize) -> Batch {
+        let capacity = capacity.max(1);
+        let raw = unsafe { ffi::llama_batch_init(capacity as i32, 0, 1) };
+        assert!(!raw.token.is_null(), "llama_batch_init failed to allocate {capacity} tokens");
+        let mut b = Batch { raw, capacity };
+        b.clear();
+        b
+    }
+
+    pub fn clear(&mut self) {
+        self.raw.n_tokens = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.n_tokens as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn add(&mut self, token: Token, pos: i32, seq: i32, logits: bool) -> Result<(), LlamaError> {
+        let i = self.len();
+        if i >= self.capacity {
+            return Err(LlamaError::BatchFull { capacity: self.capacity });
+        }
+        unsafe {
+            *self.raw.token.add(i) = token;
+            *self.raw.pos.add(i) = pos;
+            *self.raw.n_seq_id.add(i) = 1;
+            *(*self.raw.seq_id.add(i)) = seq;
+            *self.raw.logits.add(i) = logits as i8;
+        }
+        self.raw.n_tokens += 1;
+        Ok(())
+    }
+
+    fn token_of(&self, i: usize) -> Token {
+        assert!(i < self.len());
+        unsafe { *self.raw.token.add(i) }
+    }
+
+    fn seq_of(&self, i: usize) -> i32 {
+        assert!(i < self.len());
+        unsafe { *(*self.raw.seq_id.add(i)) }
+    }
+
+    pub fn wants_logits(&self, i: usize) -> bool {
+        i < self.len() && unsafe { *self.raw.logits.add(i) } != 0
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        unsafe { ffi::llama_batch_free(self.raw) }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Sampler
+// ---------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct SamplerParams {
+    /// 0 = greedy (argmax).
+    pub temperature: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub seed: u32,
+}
+
+pub struct Sampler {
+    ptr: NonNull<ffi::llama_sampler>,
+}
+
+impl Sampler {
+    pub fn new(p: &SamplerParams) -> Sampler {
+        unsafe {
+            let chain = ffi::llama_sampler_chain_init(ffi::llama_sampler_chain_default_params());
+            if p.temperature <= 0.0 {
+                ffi::llama_sampler_chain_add(chain, ffi::llama_sampler_init_greedy());
+            } else {
+                if p.top_k > 0 {
+                    ffi::llama_sampler_chain_add(chain, ffi::llama_sampler_init_top_k(p.top_k));
+                }
+                if p.top_p < 1.0 {
+                    ffi::llama_sampler_chain_add(chain, ffi::llama_sampler_init_top_p(p.top_p, 1));
+                }
+                ffi::llama_sampler_chain_add(chain, ffi::llama_sampler_init_temp(p.temperature));
+                ffi::llama_sampler_chain_add(chain, ffi::llama_sampler_init_dist(p.seed));
+            }
+            Sampler { ptr: NonNull::new(chain).expect("llama_sampler_chain_init returned NULL") }
+        }
+    }
+
+    /// Samples from the logits of batch position `i` of the last decode, and accepts it.
+    pub fn sample(&mut self, ctx: &mut Context, batch: &Batch, i: usize) -> Result<Token, LlamaError> {
+        if i >= batch.len() || !batch.wants_logits(i) {
+            return Err(LlamaError::InvalidArgument(format!("batch position {i} produced no logits")));
+        }
+        let t = unsafe { ffi::llama_sampler_sample(self.ptr.as_ptr(), ctx.ptr.as_ptr(), i as i32) };
+        Ok(t)
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        unsafe { ffi::llama_sampler_free(self.ptr.as_ptr()) }
+    }
+}

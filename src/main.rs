@@ -1,0 +1,566 @@
+//! The `logquant` command line: a thin layer over the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use logquant::engine::{self, ContextConfig, MIB};
+use logquant::generate::{generate, GenerateParams};
+use logquant::gguf::{GgufFile, KvCacheType, ModelInfo};
+use logquant::kvconfig::KvConfig;
+use logquant::llama::{self, FlashAttn, ModelParams, SamplerParams};
+use logquant::progress::Progress;
+use logquant::report::{self, mib, Table};
+use logquant::{bench, eval, plan};
+
+/// Context size when -c is not given (capped by the model's training context).
+const DEFAULT_CTX: u32 = 4096;
+
+#[derive(Parser)]
+#[command(name = "logquant", version, about = "GGUF models on llama.cpp with a LogQuant KV cache")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Run(RunArgs),
+    /// Describe a GGUF model (read by logquant's own GGUF reader, not llama.cpp).
+    Inspect(InspectArgs),
+    /// Quality of KV caches against an f16 cache: KL divergence, top-1, perplexity.
+    Eval(EvalArgs),
+    /// Speed and memory of KV caches: prefill and decode at depth, batches of sequences.
+    Bench(BenchArgs),
+    /// The largest batch and the longest context that fit a memory budget.
+    Plan(PlanArgs),
+    /// Print the build: llama.cpp version, CPU features, patch series.
+    Info,
+}
+
+/// Flags of the measuring commands, which create their own contexts.
+#[derive(Args, Clone)]
+struct MeasureArgs {
+    /// Path to a GGUF model.
+    #[arg(short = 'm', long = "model")]
+    model: PathBuf,
+    /// Cache configurations, comma-separated: f16, q8_0, q4_0/q8_0 (K/V), ...
+    #[arg(long = "kv", default_value = "f16,q8_0,q4_0", value_parser = parse_kv_list)]
+    kv: Vec<Vec<KvConfig>>,
+    /// Threads (default: the machine's cores, at most 16).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<i32>,
+    /// Flash attention: on, off or auto.
+    #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value_t = FlashAttnArg::Auto)]
+    flash_attn: FlashAttnArg,
+    /// Layers to offload to the GPU (-1 = all); ignored by a CPU-only build.
+    #[arg(long = "gpu-layers", visible_alias = "ngl", default_value_t = -1, allow_negative_numbers = true)]
+    gpu_layers: i32,
+    /// Also write the results as JSON to FILE ("-" for stdout, replacing the table).
+    #[arg(long = "json")]
+    json: Option<PathBuf>,
+    /// Show llama.cpp's own log on stderr.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
+}
+
+fn parse_kv_list(s: &str) -> Result<Vec<KvConfig>, String> {
+    let list = KvConfig::parse_list(s).map_err(|e| e.to_string())?;
+    if list.is_empty() {
+        return Err("give at least one cache configuration".into());
+    }
+    Ok(list)
+}
+
+impl MeasureArgs {
+    fn context_template(&self) -> ContextConfig {
+        let mut cfg = ContextConfig::new(0);
+        cfg.threads = self.threads.unwrap_or_else(engine::default_threads);
+        cfg.flash_attn = flash_attn(self.flash_attn);
+        cfg
+    }
+
+    fn configs(&self) -> Vec<KvConfig> {
+        self.kv.iter().flatten().copied().collect()
+    }
+
+    /// Writes `value` to the --json destination, if any; true when it replaced the table.
+    fn write_json(&self, value: &impl serde::Serialize) -> Result<bool> {
+        let Some(path) = &self.json else { return Ok(false) };
+        let text = serde_json::to_string_pretty(value)?;
+        if path.as_os_str() == "-" {
+            println!("{text}");
+            return Ok(true);
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text + "\n").with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(false)
+    }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    common: MeasureArgs,
+    /// Text to evaluate on.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Tokens of the text to feed (N).
+    #[arg(long = "tokens", default_value_t = 4096)]
+    tokens: usize,
+    /// Tokens per decode call (S); 1 is token-by-token.
+    #[arg(long = "step", default_value_t = 16)]
+    step: usize,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    common: MeasureArgs,
+    /// Context depths to decode at, comma-separated.
+    #[arg(long = "depth", value_delimiter = ',', default_value = "4096")]
+    depth: Vec<usize>,
+    /// Sequences decoding together, comma-separated.
+    #[arg(long = "batch", value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
+    /// Decode steps per repetition.
+    #[arg(long = "gen", default_value_t = 64)]
+    gen: usize,
+    /// Tokens of the prefill measurement.
+    #[arg(long = "prefill", default_value_t = 512)]
+    prefill: usize,
+    /// Timed repetitions (after one warm-up).
+    #[arg(long = "reps", default_value_t = 3)]
+    reps: usize,
+    /// Logical batch size for filling the context.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 2048)]
+    batch_size: u32,
+    /// Physical batch size.
+    #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
+    ubatch_size: u32,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    common: MeasureArgs,
+    /// Memory budget: weights + KV cache + compute buffers (e.g. 24GiB).
+    #[arg(long = "memory", value_parser = logquant::plan::parse_size)]
+    memory: u64,
+    /// Context per sequence for the largest-batch search.
+    #[arg(long = "ctx", default_value_t = 32768)]
+    ctx: u64,
+    /// Upper end of the batch search.
+    #[arg(long = "max-batch", default_value_t = 4096)]
+    max_batch: u64,
+}
+
+/// Flags shared by every command that creates a llama.cpp context.
+#[derive(Args, Clone)]
+struct ContextArgs {
+    /// Path to a GGUF model.
+    #[arg(short = 'm', long = "model")]
+    model: PathBuf,
+    /// Context size in tokens (default: 4096, or the model's training context if smaller;
+    /// 0 = the model's training context).
+    #[arg(short = 'c', long = "ctx-size")]
+    ctx_size: Option<u32>,
+    /// Threads for decoding and prompt processing (default: the machine's cores, at most 16).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<i32>,
+    /// Logical batch size: the most tokens handed to llama.cpp per decode call.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 2048)]
+    batch_size: u32,
+    /// Physical batch size: the most tokens computed at once.
+    #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
+    ubatch_size: u32,
+    /// KV cache type for K (one of f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1).
+    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = parse_cache_type)]
+    cache_type_k: KvCacheType,
+    /// KV cache type for V (quantized V needs flash attention).
+    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16", value_parser = parse_cache_type)]
+    cache_type_v: KvCacheType,
+    /// Flash attention: on, off or auto (llama.cpp decides).
+    #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value_t = FlashAttnArg::Auto)]
+    flash_attn: FlashAttnArg,
+    /// Layers to offload to the GPU (-1 = all); ignored by a CPU-only build.
+    #[arg(long = "gpu-layers", visible_alias = "ngl", default_value_t = -1, allow_negative_numbers = true)]
+    gpu_layers: i32,
+    /// Show llama.cpp's own log on stderr.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FlashAttnArg {
+    On,
+    Off,
+    Auto,
+}
+
+fn flash_attn(arg: FlashAttnArg) -> FlashAttn {
+    match arg {
+        FlashAttnArg::On => FlashAttn::On,
+        FlashAttnArg::Off => FlashAttn::Off,
+        FlashAttnArg::Auto => FlashAttn::Auto,
+    }
+}
+
+fn parse_cache_type(s: &str) -> Result<KvCacheType, String> {
+    KvCacheType::from_name(s).ok_or_else(|| {
+        format!("unknown cache type '{s}'; use one of {}", logquant::kvconfig::stock_type_names().join(", "))
+    })
+}
+
+impl ContextArgs {
+    fn context_config(&self, model: &engine::LoadedModel) -> ContextConfig {
+        let mut cfg = ContextConfig::new(self.ctx_size.unwrap_or(DEFAULT_CTX.min(model.info.n_ctx_train)));
+        cfg.n_batch = self.batch_size;
+        cfg.n_ubatch = self.ubatch_size;
+        cfg.threads = self.threads.unwrap_or_else(engine::default_threads);
+        cfg.kv = KvConfig::new(self.cache_type_k, self.cache_type_v);
+        cfg.flash_attn = flash_attn(self.flash_attn);
+        cfg
+    }
+
+    fn model_params(&self) -> ModelParams {
+        ModelParams { gpu_layers: self.gpu_layers, ..ModelParams::default() }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    ctx: ContextArgs,
+    /// The prompt.
+    #[arg(short = 'p', long = "prompt", conflicts_with = "file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n_predict: usize,
+    /// Sampling seed (default: random).
+    #[arg(short = 's', long = "seed")]
+    seed: Option<u32>,
+    /// Temperature; 0 = greedy (deterministic).
+    #[arg(long = "temp", default_value_t = 0.8)]
+    temp: f32,
+    #[arg(long = "top-k", default_value_t = 40)]
+    top_k: i32,
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    top_p: f32,
+    /// Print one JSON object (text and statistics) on stdout instead of streaming.
+    #[arg(long = "json")]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Path to a GGUF model.
+    model: PathBuf,
+    /// Context size for the KV totals.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    ctx_size: u64,
+    /// Print JSON instead of a table.
+    #[arg(long = "json")]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => cmd_run(args),
+        Command::Inspect(args) => cmd_inspect(args),
+        Command::Eval(args) => cmd_eval(args),
+        Command::Bench(args) => cmd_bench(args),
+        Command::Plan(args) => cmd_plan(args),
+        Command::Info => {
+            llama::init(false);
+            println!("{}", engine::build_description());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", report::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cmd_run(args: RunArgs) -> Result<()> {
+    llama::init(args.ctx.verbose);
+    let prompt = match (&args.prompt, &args.file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("cannot read prompt file {}", f.display()))?
+        }
+        (None, None) => anyhow::bail!("give a prompt with -p TEXT or -f FILE"),
+    };
+    if !(0.0..=1.0).contains(&args.top_p) {
+        anyhow::bail!("--top-p must be within 0..1, not {}", args.top_p);
+    }
+    let loaded = engine::load_model(&args.ctx.model, &args.ctx.model_params())?;
+    let cfg = args.ctx.context_config(&loaded);
+    let mut ctx = loaded.new_context(&cfg)?;
+    let tokens = loaded.model.tokenize(&prompt, true)?;
+    let params = GenerateParams {
+        n_predict: args.n_predict,
+        sampler: SamplerParams {
+            temperature: args.temp,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed.unwrap_or_else(rand_seed),
+        },
+    };
+    let mut text = String::new();
+    let stdout = std::io::stdout();
+    let (_, stats) = generate(&mut ctx, &tokens, &params, |piece| {
+        if args.json {
+            text.push_str(piece);
+        } else {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    let kv_bytes = ctx.memory().kv_bytes();
+    if args.json {
+        let obj = serde_json::json!({
+            "model": loaded.path,
+            "text": text,
+            "kv_cache": { "type": cfg.kv.to_string(), "bytes": kv_bytes },
+            "n_ctx": ctx.n_ctx(),
+            "stats": stats,
+            "prompt_tokens_per_second": stats.prompt_tokens_per_second(),
+            "generated_tokens_per_second": stats.generated_tokens_per_second(),
+        });
+        println!("{}", serde_json::to_string_pretty(&obj)?);
+    } else {
+        println!();
+    }
+    if stats.hit_context_limit {
+        eprintln!("note: generation stopped at the end of the context ({} tokens); raise -c for more", ctx.n_ctx());
+    }
+    eprintln!(
+        "prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | KV cache: {} ({}), {:.2} MiB",
+        stats.prompt_tokens,
+        stats.prompt_tokens_per_second(),
+        stats.generated_tokens,
+        stats.generated_tokens_per_second(),
+        cfg.kv,
+        ctx.n_ctx(),
+        kv_bytes as f64 / MIB
+    );
+    Ok(())
+}
+
+/// A seed from the clock, as llama.cpp draws one when none is given.
+fn rand_seed() -> u32 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (nanos ^ (nanos >> 32)) as u32
+}
+
+fn cmd_inspect(args: InspectArgs) -> Result<()> {
+    if !args.model.exists() {
+        anyhow::bail!("model file {} does not exist", args.model.display());
+    }
+    let file = GgufFile::open(&args.model)?;
+    let info = ModelInfo::from_gguf(&file)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report::inspect_json(&file, &info, args.ctx_size)?)?);
+    } else {
+        print!("{}", report::inspect_text(&file, &info, args.ctx_size)?);
+    }
+    Ok(())
+}
+
+fn cmd_eval(args: EvalArgs) -> Result<()> {
+    let common = &args.common;
+    llama::init(common.verbose);
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read text file {}", args.file.display()))?;
+    let model =
+        engine::load_model(&common.model, &ModelParams { gpu_layers: common.gpu_layers, ..Default::default() })?;
+    let tokens = eval::text_tokens(&model, &text, args.tokens)?;
+    let opts = eval::EvalOptions { tokens: args.tokens, step: args.step, context: common.context_template() };
+    let mut progress = Progress::new("eval", tokens.len());
+    let report = eval::evaluate(&model, &tokens, &common.configs(), &opts, &mut progress)?;
+    let json = serde_json::json!({
+        "machine": bench::machine_description(),
+        "build": engine::build_description(),
+        "model": model.path,
+        "text": args.file,
+        "report": report,
+    });
+    if common.write_json(&json)? {
+        return Ok(());
+    }
+    println!(
+        "eval: {} ({}), {} tokens of {}, step {}, reference f16",
+        model.model.description(),
+        model.path.display(),
+        report.tokens,
+        args.file.display(),
+        report.step
+    );
+    let mut t = Table::new(&["cache", "bits/value", "mean KLD", "p99 KLD", "top-1 %", "PPL", "seconds"]);
+    for r in std::iter::once(&report.reference).chain(&report.rows) {
+        t.row(vec![
+            r.config.clone(),
+            format!("{:.2}", r.bits_per_value),
+            format!("{:.6}", r.mean_kld),
+            format!("{:.6}", r.p99_kld),
+            format!("{:.2}", r.top1_agreement),
+            format!("{:.4}", r.perplexity),
+            format!("{:.1}", r.seconds),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+fn cmd_bench(args: BenchArgs) -> Result<()> {
+    let common = &args.common;
+    llama::init(common.verbose);
+    let model =
+        engine::load_model(&common.model, &ModelParams { gpu_layers: common.gpu_layers, ..Default::default() })?;
+    let mut template = common.context_template();
+    template.n_batch = args.batch_size;
+    template.n_ubatch = args.ubatch_size;
+    let opts = bench::BenchOptions {
+        configs: common.configs(),
+        depths: args.depth.clone(),
+        batches: args.batch.clone(),
+        gen: args.gen,
+        prefill: args.prefill,
+        reps: args.reps,
+        context: template.clone(),
+    };
+    let mut progress = Progress::new("bench", opts.configs.len() * opts.depths.len() * opts.batches.len());
+    let rows = bench::run(&model, &opts, &mut progress)?;
+    let report = bench::BenchReport {
+        machine: bench::machine_description(),
+        build: engine::build_description(),
+        model: model.model.description(),
+        threads: template.threads,
+        gen: args.gen,
+        prefill: args.prefill,
+        reps: args.reps,
+        rows,
+    };
+    if common.write_json(&report)? {
+        return Ok(());
+    }
+    println!("bench: {} ({}), {} threads", report.model, model.path.display(), report.threads);
+    println!("machine: {}", report.machine);
+    println!(
+        "decode: {} steps x {} reps (median [min-max]); prefill: {} tokens from empty; ratios against f16 and the first listed ({})",
+        args.gen, args.reps, args.prefill, report.rows[0].config
+    );
+    let mut t = Table::new(&[
+        "cache",
+        "depth",
+        "batch",
+        "prefill tok/s",
+        "decode tok/s",
+        "per seq tok/s",
+        "ms/step",
+        "KV MiB",
+        "KV B/token",
+        "bits/value",
+        "decode vs f16",
+        "decode vs first",
+        "KV vs f16",
+    ]);
+    for r in &report.rows {
+        let same = |c: &str| report.rows.iter().find(|o| o.config == c && o.depth == r.depth && o.batch == r.batch);
+        let ratio = |other: Option<&bench::BenchRow>, f: &dyn Fn(&bench::BenchRow) -> f64| {
+            other.map(|o| format!("{:.2}x", f(r) / f(o))).unwrap_or_else(|| "n/a".into())
+        };
+        let decode = |x: &bench::BenchRow| x.decode_tps.median;
+        let kvb = |x: &bench::BenchRow| x.kv_bytes as f64;
+        t.row(vec![
+            r.config.clone(),
+            r.depth.to_string(),
+            r.batch.to_string(),
+            format!("{:.1}", r.prefill_tps.median),
+            format!("{:.1} [{:.1}-{:.1}]", r.decode_tps.median, r.decode_tps.min, r.decode_tps.max),
+            format!("{:.1}", r.decode_tps_per_seq.median),
+            format!("{:.2}", r.ms_per_step.median),
+            mib(r.kv_bytes as u64),
+            format!("{:.0}", r.kv_bytes_per_token()),
+            format!("{:.2}", r.bits_per_value),
+            ratio(same("f16"), &decode),
+            ratio(same(&report.rows[0].config), &decode),
+            ratio(same("f16"), &kvb),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+fn cmd_plan(args: PlanArgs) -> Result<()> {
+    let common = &args.common;
+    llama::init(common.verbose);
+    let params = ModelParams { gpu_layers: common.gpu_layers, no_alloc: true, ..Default::default() };
+    let model = engine::load_model(&common.model, &params)?;
+    let opts = plan::PlanOptions {
+        budget: args.memory,
+        ctx: args.ctx,
+        max_batch_limit: args.max_batch,
+        template: common.context_template(),
+    };
+    let rows = plan::plan(&model, &common.configs(), &opts)?;
+    let json = serde_json::json!({
+        "model": model.path,
+        "budget_bytes": args.memory,
+        "ctx": args.ctx,
+        "method": "llama.cpp contexts created with no_alloc: its own sizes for weights, KV and compute buffers",
+        "rows": rows,
+    });
+    if common.write_json(&json)? {
+        return Ok(());
+    }
+    println!(
+        "plan: {} in {:.2} GiB (weights {:.2} GiB); sizes from llama.cpp contexts created without allocating",
+        model.model.description(),
+        args.memory as f64 / plan::GIB,
+        model.model.size() as f64 / plan::GIB
+    );
+    let show = |f: &Option<plan::Fit>| match f {
+        None => "does not fit".to_string(),
+        Some(f) if f.limited_by_search => format!(">= {} (search limit)", f.value),
+        Some(f) => f.value.to_string(),
+    };
+    let gib =
+        |f: &Option<plan::Fit>| f.as_ref().map(|f| format!("{:.2}", f.bytes as f64 / plan::GIB)).unwrap_or_default();
+    let mut t = Table::new(&[
+        "cache",
+        "bits/value",
+        &format!("max batch at {}", args.ctx),
+        "GiB used",
+        "max ctx at batch 1",
+        "GiB used",
+    ]);
+    for r in &rows {
+        t.row(vec![
+            r.config.clone(),
+            format!("{:.2}", r.bits_per_value),
+            show(&r.max_batch),
+            gib(&r.max_batch),
+            show(&r.max_ctx),
+            gib(&r.max_ctx),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}

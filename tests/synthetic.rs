@@ -1,0 +1,82 @@
+//! End to end on the small synthetic llama model: llama.cpp loads what our writer
+//! wrote, and our reader's figures agree with what llama.cpp reports and allocates.
+
+mod common;
+
+use logquant::engine::{self, ContextConfig};
+use logquant::generate::{generate, GenerateParams};
+use logquant::gguf::{GgufFile, KvCacheParams, KvCacheType, ModelInfo};
+use logquant::kvconfig::KvConfig;
+use logquant::llama::{ModelParams, SamplerParams};
+
+fn greedy(n: usize) -> GenerateParams {
+    GenerateParams { n_predict: n, sampler: SamplerParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 } }
+}
+
+#[test]
+fn llama_cpp_loads_the_synthetic_model_with_the_shape_we_wrote() {
+    let path = common::tiny_model();
+    let loaded = engine::load_model(&path, &ModelParams::default()).unwrap();
+    let info = &loaded.info;
+    assert_eq!(info.architecture, "llama");
+    assert_eq!(loaded.model.n_layer(), info.n_layer);
+    assert_eq!(loaded.model.n_ctx_train(), info.n_ctx_train);
+    assert_eq!(loaded.model.n_vocab() as u64, info.n_vocab);
+    let params: u64 = info.n_params;
+    assert_eq!(loaded.model.n_params(), params);
+}
+
+#[test]
+fn tokenize_detokenize_round_trip() {
+    let loaded = engine::load_model(&common::tiny_model(), &ModelParams::default()).unwrap();
+    for text in ["hello world", "The quick brown fox, 42 times!", "naïve café — ü", "a\nb\tc"] {
+        let tokens = loaded.model.tokenize(text, false).unwrap();
+        assert!(!tokens.is_empty());
+        assert_eq!(loaded.model.detokenize(&tokens).unwrap(), text, "tokens {tokens:?}");
+    }
+    let with_bos = loaded.model.tokenize("hello", true).unwrap();
+    assert_eq!(with_bos[0], loaded.model.bos());
+}
+
+#[test]
+fn greedy_generation_is_deterministic() {
+    let loaded = engine::load_model(&common::tiny_model(), &ModelParams::default()).unwrap();
+    let prompt = loaded.model.tokenize("once upon a time", true).unwrap();
+    let run = || {
+        let mut ctx = loaded.new_context(&ContextConfig::new(256)).unwrap();
+        generate(&mut ctx, &prompt, &greedy(24), |_| {}).unwrap().0
+    };
+    let a = run();
+    assert!(!a.is_empty());
+    assert_eq!(a, run());
+}
+
+#[test]
+fn every_stock_cache_type_runs_and_allocates_what_the_reader_predicts() {
+    let loaded = engine::load_model(&common::tiny_model(), &ModelParams::default()).unwrap();
+    let prompt = loaded.model.tokenize("the cache type test", true).unwrap();
+    for t in KvCacheType::ALL {
+        let mut cfg = ContextConfig::new(512);
+        cfg.kv = KvConfig::new(t, t);
+        let mut ctx = loaded.new_context(&cfg).unwrap_or_else(|e| panic!("{t}: {e}"));
+        let (out, _) = generate(&mut ctx, &prompt, &greedy(8), |_| {}).unwrap_or_else(|e| panic!("{t}: {e}"));
+        assert_eq!(out.len(), 8, "{t}");
+        let predicted = loaded.info.kv_bytes_with(&KvCacheParams::new(512), t, t).unwrap();
+        assert_eq!(ctx.memory().kv_bytes() as u64, predicted, "{t}: llama.cpp allocated vs reader's prediction");
+    }
+}
+
+#[test]
+fn inspect_reads_the_file_without_llama_cpp() {
+    let file = GgufFile::open(common::tiny_model()).unwrap();
+    let info = ModelInfo::from_gguf(&file).unwrap();
+    let spec = logquant::gguf::synth::SynthSpec::tiny();
+    assert_eq!(info.n_layer, spec.n_layer);
+    assert_eq!(info.n_embd, spec.n_embd);
+    assert_eq!(info.n_head, spec.n_head);
+    assert!(info.n_head_kv.iter().all(|&h| h == spec.n_head_kv));
+    assert_eq!(info.head_dim_k, spec.n_embd / spec.n_head);
+    // f16 K and V: 2 bytes x (K + V) x kv heads x head size x layers.
+    let per_token = 2 * 2 * spec.n_head_kv as u64 * (spec.n_embd / spec.n_head) as u64 * spec.n_layer as u64;
+    assert_eq!(info.kv_bytes_per_token(KvCacheType::F16, KvCacheType::F16).unwrap(), per_token);
+}
