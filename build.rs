@@ -203,6 +203,7 @@ fn source_units(tree: &Path, backend: Backend, target_arch: &str) -> Vec<Unit> {
         "ggml/src/ggml-threading.cpp",
         "ggml/src/ggml-quants.c",
         "ggml/src/gguf.cpp",
+        "ggml/src/ggml-lq2.c", // logquant (patches/files)
         // ggml (backend registry)
         "ggml/src/ggml-backend-reg.cpp",
         "ggml/src/ggml-backend-dl.cpp",
@@ -222,6 +223,7 @@ fn source_units(tree: &Path, backend: Backend, target_arch: &str) -> Vec<Unit> {
         "ggml/src/ggml-cpu/vec.cpp",
         "ggml/src/ggml-cpu/ops.cpp",
         "ggml/src/ggml-cpu/llamafile/sgemm.cpp",
+        "ggml/src/ggml-cpu/lq2-cpu.c", // logquant (patches/files)
     ]
     .iter()
     .map(|s| s.to_string())
@@ -438,13 +440,12 @@ fn compile_all(
     if !errors.is_empty() {
         fail(&errors.join("\n"));
     }
-    let compiled = compiled.load(Ordering::SeqCst);
-    if compiled > 0 {
-        println!(
-            "cargo:warning=llama.cpp: compiled {compiled} of {} objects (the rest came from the cache)",
-            units.len()
-        );
-    }
+    // Visible with `cargo build -vv`: how much the object cache saved.
+    println!(
+        "llama.cpp: compiled {} of {} objects, the rest from the cache",
+        compiled.load(Ordering::SeqCst),
+        units.len()
+    );
     results.into_inner().unwrap().into_iter().map(|o| o.unwrap()).collect()
 }
 

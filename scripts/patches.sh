@@ -39,7 +39,7 @@ export)
     exit 1
   fi
   rm -f "$root"/patches/series/*.patch
-  g format-patch -q --no-signature --zero-commit -o "$root/patches/series" logquant-files..HEAD
+  g format-patch -q -N --no-signature --zero-commit -o "$root/patches/series" logquant-files..HEAD
   ls "$root/patches/series"
   ;;
 *) sed -n '2,13p' "$0"; exit 2 ;;

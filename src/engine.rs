@@ -143,3 +143,9 @@ pub fn build_description() -> String {
         llama::system_info().trim_end_matches([' ', '|'])
     )
 }
+
+/// Whether llama.cpp rotates quantized K/V by a Hadamard transform (its default);
+/// `LLAMA_ATTN_ROT_DISABLE=1` turns it off, as llama.cpp reads it.
+pub fn attention_rotation() -> bool {
+    std::env::var("LLAMA_ATTN_ROT_DISABLE").ok().and_then(|v| v.trim().parse::<i64>().ok()).unwrap_or(0) == 0
+}

@@ -1,7 +1,9 @@
 //! Names of KV cache configurations, one syntax for every command:
 //!
 //! - `f16`, `q8_0`, `q4_0`, ... — one of llama.cpp's cache types for both K and V;
-//! - `q4_0/q8_0` — K type / V type.
+//! - `q4_0/q8_0` — K type / V type;
+//! - `q2` — every token in logquant's 2-bit format (`lq2`, 2.5 bits per value): the
+//!   LogQuant baseline with no full-precision tokens (SPEC.md section 2).
 //!
 //! Later configurations (LogQuant and its baselines) extend this syntax.
 
@@ -22,13 +24,14 @@ pub struct KvConfigError {
     pub why: String,
 }
 
-/// Every cache type llama.cpp accepts, in the order the help text lists them.
-pub fn stock_type_names() -> Vec<&'static str> {
+/// Every cache type this build accepts: llama.cpp's, then logquant's lq2.
+pub fn cache_type_names() -> Vec<&'static str> {
     KvCacheType::ALL.iter().map(|t| t.name()).collect()
 }
 
 impl KvConfig {
     pub const F16: KvConfig = KvConfig { k: KvCacheType::F16, v: KvCacheType::F16 };
+    pub const Q2: KvConfig = KvConfig { k: KvCacheType::Lq2, v: KvCacheType::Lq2 };
 
     pub fn new(k: KvCacheType, v: KvCacheType) -> KvConfig {
         KvConfig { k, v }
@@ -36,10 +39,13 @@ impl KvConfig {
 
     pub fn parse(text: &str) -> Result<KvConfig, KvConfigError> {
         let text = text.trim();
+        if text.eq_ignore_ascii_case("q2") {
+            return Ok(KvConfig::Q2);
+        }
         let err = |why: String| KvConfigError { name: text.to_string(), why };
         let one = |name: &str| {
             KvCacheType::from_name(name).ok_or_else(|| {
-                err(format!("'{name}' is not a cache type; use one of {}", stock_type_names().join(", ")))
+                err(format!("'{name}' is not a cache type; use one of {}", cache_type_names().join(", ")))
             })
         };
         match text.split_once('/') {
@@ -64,7 +70,9 @@ impl KvConfig {
 
 impl fmt::Display for KvConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.k == self.v {
+        if *self == KvConfig::Q2 {
+            write!(f, "q2")
+        } else if self.k == self.v {
             write!(f, "{}", self.k.name())
         } else {
             write!(f, "{}/{}", self.k.name(), self.v.name())
@@ -87,8 +95,16 @@ mod tests {
     }
 
     #[test]
+    fn q2_is_lq2_for_k_and_v() {
+        assert_eq!(KvConfig::parse("q2").unwrap(), KvConfig::Q2);
+        assert_eq!(KvConfig::parse("lq2").unwrap(), KvConfig::Q2);
+        assert_eq!(KvConfig::Q2.to_string(), "q2");
+        assert_eq!(KvConfig::Q2.bits_per_value(), 2.5);
+    }
+
+    #[test]
     fn every_stock_name_round_trips() {
-        for name in stock_type_names() {
+        for name in cache_type_names().into_iter().filter(|&n| n != "lq2") {
             assert_eq!(KvConfig::parse(name).unwrap().to_string(), name);
         }
     }

@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kvconfig;
 pub mod llama;
+pub mod lq2;
 pub mod plan;
 pub mod progress;
 pub mod report;

@@ -133,7 +133,8 @@ impl Model {
         let mut mp = unsafe { ffi::llama_model_default_params() };
         mp.n_gpu_layers = params.gpu_layers;
         mp.no_alloc = params.no_alloc;
-        if !params.use_mmap {
+        // llama.cpp asserts that a no_alloc model is not memory-mapped.
+        if !params.use_mmap || params.no_alloc {
             mp.load_mode = ffi::llama_load_mode_LLAMA_LOAD_MODE_NONE;
         }
         take_recent_log();
@@ -188,8 +189,7 @@ impl Model {
     /// Text to tokens. `add_special` adds BOS (or what the model is configured with).
     pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<Token>, LlamaError> {
         let len = i32::try_from(text.len()).map_err(|_| LlamaError::Tokenize("text longer than 2 GiB".into()))?;
-        let mut tokens = vec![0 as Token; text.len() + 2];
-        let mut n = unsafe {
+        let call = |tokens: &mut Vec<Token>| unsafe {
             ffi::llama_tokenize(
                 self.vocab(),
                 text.as_ptr().cast(),
@@ -200,19 +200,12 @@ impl Model {
                 false,
             )
         };
+        let mut tokens = vec![0 as Token; text.len() + 2];
+        let mut n = call(&mut tokens);
+        // A negative count is the size needed (i32::MIN: more than i32 can count).
         if n < 0 && n != i32::MIN {
             tokens.resize((-n) as usize, 0);
-            n = unsafe {
-                ffi::llama_tokenize(
-                    self.vocab(),
-                    text.as_ptr().cast(),
-                    len,
-                    tokens.as_mut_ptr(),
-                    tokens.len() as i32,
-                    add_special,
-                    false,
-                )
-            };
+            n = call(&mut tokens);
         }
         if n < 0 {
             return Err(LlamaError::Tokenize(format!("llama_tokenize returned {n}")));
@@ -628,5 +621,55 @@ impl Sampler {
 impl Drop for Sampler {
     fn drop(&mut self) {
         unsafe { ffi::llama_sampler_free(self.ptr.as_ptr()) }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The 2-bit KV format's kernels (for tests against crate::lq2)
+// ---------------------------------------------------------------------------------
+
+/// The C kernels of the lq2 format, exactly as the KV cache runs them.
+pub mod lq2_kernels {
+    use super::{ffi, LlamaError};
+
+    fn check(n: usize) -> Result<(), LlamaError> {
+        if n == 0 || n % 64 != 0 {
+            return Err(LlamaError::InvalidArgument(format!("lq2 needs a positive multiple of 64 values, not {n}")));
+        }
+        Ok(())
+    }
+
+    pub fn block_bytes() -> usize {
+        unsafe { ffi::logquant_lq2_block_bytes() }
+    }
+
+    /// `reference`: ggml's from_float_ref; else the CPU backend's from_float (set_rows).
+    pub fn quantize(x: &[f32], reference: bool) -> Result<Vec<u8>, LlamaError> {
+        check(x.len())?;
+        let mut out = vec![0u8; x.len() / 64 * block_bytes()];
+        let ok = unsafe { ffi::logquant_lq2_quantize(x.as_ptr(), out.as_mut_ptr().cast(), x.len() as i64, reference) };
+        ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_quantize refused".into()))
+    }
+
+    pub fn dequantize(blocks: &[u8]) -> Result<Vec<f32>, LlamaError> {
+        let bb = block_bytes();
+        if blocks.is_empty() || blocks.len() % bb != 0 {
+            return Err(LlamaError::InvalidArgument(format!("{} bytes is not a whole number of blocks", blocks.len())));
+        }
+        let n = blocks.len() / bb * 64;
+        let mut out = vec![0f32; n];
+        let ok = unsafe { ffi::logquant_lq2_dequantize(blocks.as_ptr().cast(), out.as_mut_ptr(), n as i64) };
+        ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_dequantize refused".into()))
+    }
+
+    /// The CPU dot product of attention's K.q: dequant(blocks) . y.
+    pub fn dot(blocks: &[u8], y: &[f32]) -> Result<f32, LlamaError> {
+        check(y.len())?;
+        if blocks.len() != y.len() / 64 * block_bytes() {
+            return Err(LlamaError::InvalidArgument("blocks and y differ in length".into()));
+        }
+        let mut out = 0f32;
+        let ok = unsafe { ffi::logquant_lq2_dot(blocks.as_ptr().cast(), y.as_ptr(), y.len() as i64, &mut out) };
+        ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_dot refused".into()))
     }
 }

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use logquant::engine::{self, ContextConfig, MIB};
 use logquant::generate::{generate, GenerateParams};
-use logquant::gguf::{GgufFile, KvCacheType, ModelInfo};
+use logquant::gguf::{planned_size, write_synthetic_llama, GgmlType, GgufFile, KvCacheType, ModelInfo, SynthSpec};
 use logquant::kvconfig::KvConfig;
 use logquant::llama::{self, FlashAttn, ModelParams, SamplerParams};
 use logquant::progress::Progress;
@@ -38,8 +38,33 @@ enum Command {
     Bench(BenchArgs),
     /// The largest batch and the longest context that fit a memory budget.
     Plan(PlanArgs),
+    /// Write a llama-architecture GGUF with random weights (tests; speed and memory runs).
+    Synth(SynthArgs),
     /// Print the build: llama.cpp version, CPU features, patch series.
     Info,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Output file (written to a temporary file, then renamed into place).
+    #[arg(short = 'o', long = "output")]
+    output: PathBuf,
+    /// Shape: tiny (2 layers, width 256) or llama3-8b (32 layers, 32 heads, 8 KV heads, head 128).
+    #[arg(long = "shape", value_enum, default_value_t = SynthShape::Tiny)]
+    shape: SynthShape,
+    /// Weight type: f32, f16, q8_0 or q4_0.
+    #[arg(long = "weights", default_value = "f16")]
+    weights: String,
+    /// Seed of the random weights.
+    #[arg(long = "seed")]
+    seed: Option<u64>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SynthShape {
+    Tiny,
+    #[value(name = "llama3-8b")]
+    Llama3_8b,
 }
 
 /// Flags of the measuring commands, which create their own contexts.
@@ -155,8 +180,8 @@ struct PlanArgs {
     /// Context per sequence for the largest-batch search.
     #[arg(long = "ctx", default_value_t = 32768)]
     ctx: u64,
-    /// Upper end of the batch search.
-    #[arg(long = "max-batch", default_value_t = 4096)]
+    /// Upper end of the batch search (llama.cpp allows at most 256 sequences per context).
+    #[arg(long = "max-batch", default_value_t = 256)]
     max_batch: u64,
 }
 
@@ -213,7 +238,7 @@ fn flash_attn(arg: FlashAttnArg) -> FlashAttn {
 
 fn parse_cache_type(s: &str) -> Result<KvCacheType, String> {
     KvCacheType::from_name(s).ok_or_else(|| {
-        format!("unknown cache type '{s}'; use one of {}", logquant::kvconfig::stock_type_names().join(", "))
+        format!("unknown cache type '{s}'; use one of {}", logquant::kvconfig::cache_type_names().join(", "))
     })
 }
 
@@ -281,6 +306,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => cmd_eval(args),
         Command::Bench(args) => cmd_bench(args),
         Command::Plan(args) => cmd_plan(args),
+        Command::Synth(args) => cmd_synth(args),
         Command::Info => {
             llama::init(false);
             println!("{}", engine::build_description());
@@ -394,23 +420,26 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
     let opts = eval::EvalOptions { tokens: args.tokens, step: args.step, context: common.context_template() };
     let mut progress = Progress::new("eval", tokens.len());
     let report = eval::evaluate(&model, &tokens, &common.configs(), &opts, &mut progress)?;
+    let rotation = engine::attention_rotation();
     let json = serde_json::json!({
         "machine": bench::machine_description(),
         "build": engine::build_description(),
         "model": model.path,
         "text": args.file,
+        "attention_rotation": rotation,
         "report": report,
     });
     if common.write_json(&json)? {
         return Ok(());
     }
     println!(
-        "eval: {} ({}), {} tokens of {}, step {}, reference f16",
+        "eval: {} ({}), {} tokens of {}, step {}, reference f16; Hadamard rotation of quantized K/V: {}",
         model.model.description(),
         model.path.display(),
         report.tokens,
         args.file.display(),
-        report.step
+        report.step,
+        if rotation { "on" } else { "off (LLAMA_ATTN_ROT_DISABLE)" }
     );
     let mut t = Table::new(&["cache", "bits/value", "mean KLD", "p99 KLD", "top-1 %", "PPL", "seconds"]);
     for r in std::iter::once(&report.reference).chain(&report.rows) {
@@ -536,18 +565,26 @@ fn cmd_plan(args: PlanArgs) -> Result<()> {
         args.memory as f64 / plan::GIB,
         model.model.size() as f64 / plan::GIB
     );
-    let show = |f: &Option<plan::Fit>| match f {
+    let show = |f: &Option<plan::Fit>, limit: &str| match f {
         None => "does not fit".to_string(),
-        Some(f) if f.limited_by_search => format!(">= {} (search limit)", f.value),
+        Some(f) if f.limited_by_search => format!(">= {} ({limit})", f.value),
         Some(f) => f.value.to_string(),
     };
     let gib =
         |f: &Option<plan::Fit>| f.as_ref().map(|f| format!("{:.2}", f.bytes as f64 / plan::GIB)).unwrap_or_default();
+    let kv = |f: &Option<plan::Fit>| {
+        f.as_ref()
+            .map(|f| {
+                format!("{:.2} / {:.2}", f.memory.kv_bytes() as f64 / plan::GIB, f.kv_bytes_reader as f64 / plan::GIB)
+            })
+            .unwrap_or_default()
+    };
     let mut t = Table::new(&[
         "cache",
         "bits/value",
         &format!("max batch at {}", args.ctx),
         "GiB used",
+        "KV GiB (llama.cpp / reader)",
         "max ctx at batch 1",
         "GiB used",
     ]);
@@ -555,12 +592,31 @@ fn cmd_plan(args: PlanArgs) -> Result<()> {
         t.row(vec![
             r.config.clone(),
             format!("{:.2}", r.bits_per_value),
-            show(&r.max_batch),
+            show(&r.max_batch, "search limit"),
             gib(&r.max_batch),
-            show(&r.max_ctx),
+            kv(&r.max_batch),
+            show(&r.max_ctx, "training context"),
             gib(&r.max_ctx),
         ]);
     }
     print!("{}", t.render());
+    Ok(())
+}
+
+fn cmd_synth(args: SynthArgs) -> Result<()> {
+    let weights = GgmlType::from_name(&args.weights)
+        .filter(|t| matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::Q8_0 | GgmlType::Q4_0))
+        .ok_or_else(|| anyhow::anyhow!("--weights must be f32, f16, q8_0 or q4_0, not '{}'", args.weights))?;
+    let mut spec = match args.shape {
+        SynthShape::Tiny => SynthSpec { weight_type: weights, ..SynthSpec::tiny() },
+        SynthShape::Llama3_8b => SynthSpec::llama3_8b(weights),
+    };
+    if let Some(seed) = args.seed {
+        spec.seed = seed;
+    }
+    let size = planned_size(&spec)?;
+    eprintln!("writing {} ({:.2} GiB) ...", args.output.display(), size as f64 / plan::GIB);
+    let written = write_synthetic_llama(&args.output, &spec)?;
+    eprintln!("wrote {} bytes", written);
     Ok(())
 }

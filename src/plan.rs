@@ -7,6 +7,7 @@
 //! llama.cpp's own accounting, not an estimate of ours.
 
 use crate::engine::{ContextConfig, EngineError, LoadedModel};
+use crate::gguf::info::LLAMA_MAX_SEQ;
 use crate::kvconfig::KvConfig;
 use crate::llama::MemoryBreakdown;
 
@@ -19,6 +20,9 @@ pub struct Fit {
     /// Bytes at that value: weights + KV + compute.
     pub bytes: u64,
     pub memory: MemoryBreakdown,
+    /// The KV bytes our own GGUF reader predicts for the same context (a cross-check
+    /// of `memory.context_*`, filled in by `plan`).
+    pub kv_bytes_reader: u64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -67,7 +71,7 @@ fn search(
     let Some(m1) = fits(1)? else { return Ok(None) };
     let (mut lo, mut lo_mem) = (1u64, m1);
     if let Some(m) = fits(hi)? {
-        return Ok(Some(Fit { value: hi, limited_by_search: true, bytes: total(&m), memory: m }));
+        return Ok(Some(Fit { value: hi, limited_by_search: true, bytes: total(&m), memory: m, kv_bytes_reader: 0 }));
     }
     let mut hi = hi; // !fits(hi)
     while hi - lo > 1 {
@@ -77,7 +81,7 @@ fn search(
             None => hi = mid,
         }
     }
-    Ok(Some(Fit { value: lo, limited_by_search: false, bytes: total(&lo_mem), memory: lo_mem }))
+    Ok(Some(Fit { value: lo, limited_by_search: false, bytes: total(&lo_mem), memory: lo_mem, kv_bytes_reader: 0 }))
 }
 
 pub fn plan(model: &LoadedModel, configs: &[KvConfig], opts: &PlanOptions) -> Result<Vec<PlanRow>, EngineError> {
@@ -99,10 +103,22 @@ pub fn plan(model: &LoadedModel, configs: &[KvConfig], opts: &PlanOptions) -> Re
     let mut rows = Vec::new();
     for &kv in configs {
         let within = |m: MemoryBreakdown| if total(&m) <= opts.budget { Some(m) } else { None };
-        let max_batch = search(opts.max_batch_limit, |b| Ok(within(probe(model, opts, kv, opts.ctx, b)?)))?;
+        // llama.cpp holds at most LLAMA_MAX_SEQ sequences in one context.
+        let batch_limit = opts.max_batch_limit.clamp(1, LLAMA_MAX_SEQ as u64);
+        let reader = |ctx: u64, n_seq: u64| {
+            let ubatch = opts.template.n_ubatch.min(opts.template.n_batch);
+            model.info.kv_bytes((ctx * n_seq) as u32, kv.k, kv.v, false, n_seq as u32, ubatch)
+        };
+        let mut max_batch = search(batch_limit, |b| Ok(within(probe(model, opts, kv, opts.ctx, b)?)))?;
+        if let Some(f) = max_batch.as_mut() {
+            f.kv_bytes_reader = reader(opts.ctx, f.value)?;
+        }
         // Contexts in steps of 256 cells, llama.cpp's padding.
-        let max_ctx = search(trained.max(256) / 256, |c| Ok(within(probe(model, opts, kv, c * 256, 1)?)))?
+        let mut max_ctx = search(trained.max(256) / 256, |c| Ok(within(probe(model, opts, kv, c * 256, 1)?)))?
             .map(|f| Fit { value: f.value * 256, ..f });
+        if let Some(f) = max_ctx.as_mut() {
+            f.kv_bytes_reader = reader(f.value, 1)?;
+        }
         rows.push(PlanRow { config: kv.to_string(), bits_per_value: kv.bits_per_value(), max_batch, max_ctx });
     }
     Ok(rows)

@@ -49,6 +49,9 @@ pub enum GgmlType {
     Nvfp4,
     Q1_0,
     Q2_0,
+    /// logquant's 2-bit KV format (patches/files/ggml/src/ggml-lq2.h): groups of 64,
+    /// f16 step and minimum, 2.5 bits per value. Exists only in the patched ggml.
+    Lq2,
 }
 
 /// `QK_K` in ggml-common.h: the super-block size of the k-quants and i-quants.
@@ -56,7 +59,7 @@ const QK_K: u64 = 256;
 
 impl GgmlType {
     /// Every type, in id order.
-    pub const ALL: [GgmlType; 35] = [
+    pub const ALL: [GgmlType; 36] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -92,6 +95,7 @@ impl GgmlType {
         GgmlType::Nvfp4,
         GgmlType::Q1_0,
         GgmlType::Q2_0,
+        GgmlType::Lq2,
     ];
 
     /// The type with ggml id `id`, or `None` for ids that are removed or unknown.
@@ -210,6 +214,7 @@ impl GgmlType {
             Q1_0 => (41, "q1_0", 128, 18),
             // block_q2_0: d + qs[16], QK2_0 = 64
             Q2_0 => (42, "q2_0", 64, 18),
+            Lq2 => (43, "lq2", 64, 20),
         }
     }
 }
@@ -243,11 +248,13 @@ pub enum KvCacheType {
     Iq4Nl,
     Q5_0,
     Q5_1,
+    /// logquant's 2-bit format (2.5 bits per value), only in this project's build.
+    Lq2,
 }
 
 impl KvCacheType {
-    /// Every accepted cache type, in the order llama.cpp lists them.
-    pub const ALL: [KvCacheType; 9] = [
+    /// Every accepted cache type: llama.cpp's, in the order it lists them, then lq2.
+    pub const ALL: [KvCacheType; 10] = [
         KvCacheType::F32,
         KvCacheType::F16,
         KvCacheType::Bf16,
@@ -257,7 +264,13 @@ impl KvCacheType {
         KvCacheType::Iq4Nl,
         KvCacheType::Q5_0,
         KvCacheType::Q5_1,
+        KvCacheType::Lq2,
     ];
+
+    /// True for the types stock llama.cpp has (all but lq2).
+    pub fn is_stock(self) -> bool {
+        self != KvCacheType::Lq2
+    }
 
     /// Parses a cache type as given on the command line (`"q8_0"`, `"f16"`, ...),
     /// ignoring ASCII case.
@@ -282,6 +295,7 @@ impl KvCacheType {
             KvCacheType::Iq4Nl => GgmlType::Iq4Nl,
             KvCacheType::Q5_0 => GgmlType::Q5_0,
             KvCacheType::Q5_1 => GgmlType::Q5_1,
+            KvCacheType::Lq2 => GgmlType::Lq2,
         }
     }
 
@@ -314,11 +328,11 @@ mod tests {
             assert_eq!(GgmlType::from_id(t.id()), Some(t), "{t}");
             assert_eq!(GgmlType::from_name(t.name()), Some(t));
         }
-        for removed in [4, 5, 31, 32, 33, 36, 37, 38, 43, 44, 1000, u32::MAX] {
+        for removed in [4, 5, 31, 32, 33, 36, 37, 38, 44, 1000, u32::MAX] {
             assert_eq!(GgmlType::from_id(removed), None, "id {removed}");
         }
         // every id below GGML_TYPE_COUNT that is not removed is known
-        let known = (0..43).filter(|&i| GgmlType::from_id(i).is_some()).count();
+        let known = (0..44).filter(|&i| GgmlType::from_id(i).is_some()).count();
         assert_eq!(known, GgmlType::ALL.len());
     }
 
@@ -357,7 +371,9 @@ mod tests {
 
     #[test]
     fn kv_cache_types() {
-        assert_eq!(KvCacheType::ALL.len(), 9);
+        assert_eq!(KvCacheType::ALL.len(), 10);
+        assert_eq!(KvCacheType::ALL.iter().filter(|t| t.is_stock()).count(), 9);
+        assert_eq!(KvCacheType::Lq2.bits_per_value(), 2.5);
         for t in KvCacheType::ALL {
             assert_eq!(KvCacheType::from_name(t.name()), Some(t));
         }

@@ -135,7 +135,8 @@ pub const ggml_type_GGML_TYPE_MXFP4: ggml_type = 39;
 pub const ggml_type_GGML_TYPE_NVFP4: ggml_type = 40;
 pub const ggml_type_GGML_TYPE_Q1_0: ggml_type = 41;
 pub const ggml_type_GGML_TYPE_Q2_0: ggml_type = 42;
-pub const ggml_type_GGML_TYPE_COUNT: ggml_type = 43;
+pub const ggml_type_GGML_TYPE_LQ2: ggml_type = 43;
+pub const ggml_type_GGML_TYPE_COUNT: ggml_type = 44;
 pub type ggml_type = ::core::ffi::c_uint;
 pub const ggml_op_GGML_OP_NONE: ggml_op = 0;
 pub const ggml_op_GGML_OP_DUP: ggml_op = 1;
@@ -266,14 +267,9 @@ pub struct ggml_tensor {
     pub padding: [::core::ffi::c_char; 8usize],
 }
 pub const GGML_TENSOR_SIZE: usize = 336;
-pub type ggml_abort_callback =
-    ::core::option::Option<unsafe extern "C" fn(data: *mut ::core::ffi::c_void) -> bool>;
+pub type ggml_abort_callback = ::core::option::Option<unsafe extern "C" fn(data: *mut ::core::ffi::c_void) -> bool>;
 pub type ggml_log_callback = ::core::option::Option<
-    unsafe extern "C" fn(
-        level: ggml_log_level,
-        text: *const ::core::ffi::c_char,
-        user_data: *mut ::core::ffi::c_void,
-    ),
+    unsafe extern "C" fn(level: ggml_log_level, text: *const ::core::ffi::c_char, user_data: *mut ::core::ffi::c_void),
 >;
 #[repr(C)]
 #[derive(Debug)]
@@ -333,11 +329,7 @@ pub struct ggml_backend_dev_props {
     pub caps: ggml_backend_dev_caps,
 }
 pub type ggml_backend_sched_eval_callback = ::core::option::Option<
-    unsafe extern "C" fn(
-        t: *mut ggml_tensor,
-        ask: bool,
-        user_data: *mut ::core::ffi::c_void,
-    ) -> bool,
+    unsafe extern "C" fn(t: *mut ggml_tensor, ask: bool, user_data: *mut ::core::ffi::c_void) -> bool,
 >;
 pub const ggml_numa_strategy_GGML_NUMA_STRATEGY_DISABLED: ggml_numa_strategy = 0;
 pub const ggml_numa_strategy_GGML_NUMA_STRATEGY_DISTRIBUTE: ggml_numa_strategy = 1;
@@ -389,9 +381,8 @@ pub struct ggml_opt_optimizer_params__bindgen_ty_2 {
     pub alpha: f32,
     pub wd: f32,
 }
-pub type ggml_opt_get_optimizer_params = ::core::option::Option<
-    unsafe extern "C" fn(userdata: *mut ::core::ffi::c_void) -> ggml_opt_optimizer_params,
->;
+pub type ggml_opt_get_optimizer_params =
+    ::core::option::Option<unsafe extern "C" fn(userdata: *mut ::core::ffi::c_void) -> ggml_opt_optimizer_params>;
 pub type ggml_opt_epoch_callback = ::core::option::Option<
     unsafe extern "C" fn(
         train: bool,
@@ -562,9 +553,8 @@ pub struct llama_token_data_array {
     pub selected: i64,
     pub sorted: bool,
 }
-pub type llama_progress_callback = ::core::option::Option<
-    unsafe extern "C" fn(progress: f32, user_data: *mut ::core::ffi::c_void) -> bool,
->;
+pub type llama_progress_callback =
+    ::core::option::Option<unsafe extern "C" fn(progress: f32, user_data: *mut ::core::ffi::c_void) -> bool>;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct llama_batch {
@@ -577,30 +567,22 @@ pub struct llama_batch {
     pub logits: *mut i8,
 }
 pub const llama_model_kv_override_type_LLAMA_KV_OVERRIDE_TYPE_INT: llama_model_kv_override_type = 0;
-pub const llama_model_kv_override_type_LLAMA_KV_OVERRIDE_TYPE_FLOAT: llama_model_kv_override_type =
-    1;
-pub const llama_model_kv_override_type_LLAMA_KV_OVERRIDE_TYPE_BOOL: llama_model_kv_override_type =
-    2;
+pub const llama_model_kv_override_type_LLAMA_KV_OVERRIDE_TYPE_FLOAT: llama_model_kv_override_type = 1;
+pub const llama_model_kv_override_type_LLAMA_KV_OVERRIDE_TYPE_BOOL: llama_model_kv_override_type = 2;
 pub const llama_model_kv_override_type_LLAMA_KV_OVERRIDE_TYPE_STR: llama_model_kv_override_type = 3;
 pub type llama_model_kv_override_type = ::core::ffi::c_uint;
 pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_SEQUENCE: llama_model_meta_key = 0;
 pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_TOP_K: llama_model_meta_key = 1;
 pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_TOP_P: llama_model_meta_key = 2;
 pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_MIN_P: llama_model_meta_key = 3;
-pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_XTC_PROBABILITY: llama_model_meta_key =
-    4;
-pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_XTC_THRESHOLD: llama_model_meta_key =
-    5;
+pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_XTC_PROBABILITY: llama_model_meta_key = 4;
+pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_XTC_THRESHOLD: llama_model_meta_key = 5;
 pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_TEMP: llama_model_meta_key = 6;
-pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_PENALTY_LAST_N: llama_model_meta_key =
-    7;
-pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_PENALTY_REPEAT: llama_model_meta_key =
-    8;
+pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_PENALTY_LAST_N: llama_model_meta_key = 7;
+pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_PENALTY_REPEAT: llama_model_meta_key = 8;
 pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_MIROSTAT: llama_model_meta_key = 9;
-pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_MIROSTAT_TAU: llama_model_meta_key =
-    10;
-pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_MIROSTAT_ETA: llama_model_meta_key =
-    11;
+pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_MIROSTAT_TAU: llama_model_meta_key = 10;
+pub const llama_model_meta_key_LLAMA_MODEL_META_KEY_SAMPLING_MIROSTAT_ETA: llama_model_meta_key = 11;
 pub type llama_model_meta_key = ::core::ffi::c_uint;
 pub const llama_process_type_LLAMA_PROCESS_TYPE_ENCODE: llama_process_type = 0;
 pub const llama_process_type_LLAMA_PROCESS_TYPE_DECODE: llama_process_type = 1;
@@ -748,9 +730,8 @@ pub struct llama_chat_message {
 pub struct llama_adapter_lora {
     _unused: [u8; 0],
 }
-pub type llama_model_set_tensor_data_t = ::core::option::Option<
-    unsafe extern "C" fn(tensor: *mut ggml_tensor, userdata: *mut ::core::ffi::c_void),
->;
+pub type llama_model_set_tensor_data_t =
+    ::core::option::Option<unsafe extern "C" fn(tensor: *mut ggml_tensor, userdata: *mut ::core::ffi::c_void)>;
 pub type llama_state_seq_flags = u32;
 #[repr(C)]
 #[derive(Debug)]
@@ -776,18 +757,12 @@ pub struct llama_sampler_data {
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct llama_sampler_i {
-    pub name: ::core::option::Option<
-        unsafe extern "C" fn(smpl: *const llama_sampler) -> *const ::core::ffi::c_char,
-    >,
-    pub accept:
-        ::core::option::Option<unsafe extern "C" fn(smpl: *mut llama_sampler, token: llama_token)>,
-    pub apply: ::core::option::Option<
-        unsafe extern "C" fn(smpl: *mut llama_sampler, cur_p: *mut llama_token_data_array),
-    >,
+    pub name: ::core::option::Option<unsafe extern "C" fn(smpl: *const llama_sampler) -> *const ::core::ffi::c_char>,
+    pub accept: ::core::option::Option<unsafe extern "C" fn(smpl: *mut llama_sampler, token: llama_token)>,
+    pub apply:
+        ::core::option::Option<unsafe extern "C" fn(smpl: *mut llama_sampler, cur_p: *mut llama_token_data_array)>,
     pub reset: ::core::option::Option<unsafe extern "C" fn(smpl: *mut llama_sampler)>,
-    pub clone: ::core::option::Option<
-        unsafe extern "C" fn(smpl: *const llama_sampler) -> *mut llama_sampler,
-    >,
+    pub clone: ::core::option::Option<unsafe extern "C" fn(smpl: *const llama_sampler) -> *mut llama_sampler>,
     pub free: ::core::option::Option<unsafe extern "C" fn(smpl: *mut llama_sampler)>,
     pub backend_init: ::core::option::Option<
         unsafe extern "C" fn(
@@ -814,9 +789,7 @@ pub struct llama_sampler_i {
     >,
     pub backend_set_input: ::core::option::Option<unsafe extern "C" fn(smpl: *mut llama_sampler)>,
     pub backend_reset: ::core::option::Option<unsafe extern "C" fn(smpl: *mut llama_sampler)>,
-    pub copy_state: ::core::option::Option<
-        unsafe extern "C" fn(src: *const llama_sampler, dst: *mut llama_sampler),
-    >,
+    pub copy_state: ::core::option::Option<unsafe extern "C" fn(src: *const llama_sampler, dst: *mut llama_sampler)>,
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -877,31 +850,19 @@ unsafe extern "C" {
     pub fn ggml_backend_dev_description(device: ggml_backend_dev_t) -> *const ::core::ffi::c_char;
     pub fn ggml_backend_dev_memory(device: ggml_backend_dev_t, free: *mut usize, total: *mut usize);
     pub fn ggml_backend_dev_type(device: ggml_backend_dev_t) -> ggml_backend_dev_type;
-    pub fn ggml_backend_dev_get_props(
-        device: ggml_backend_dev_t,
-        props: *mut ggml_backend_dev_props,
-    );
+    pub fn ggml_backend_dev_get_props(device: ggml_backend_dev_t, props: *mut ggml_backend_dev_props);
     pub fn ggml_backend_dev_backend_reg(device: ggml_backend_dev_t) -> ggml_backend_reg_t;
-    pub fn ggml_backend_dev_init(
-        device: ggml_backend_dev_t,
-        params: *const ::core::ffi::c_char,
-    ) -> ggml_backend_t;
+    pub fn ggml_backend_dev_init(device: ggml_backend_dev_t, params: *const ::core::ffi::c_char) -> ggml_backend_t;
     pub fn ggml_backend_dev_buffer_type(device: ggml_backend_dev_t) -> ggml_backend_buffer_type_t;
-    pub fn ggml_backend_dev_host_buffer_type(
-        device: ggml_backend_dev_t,
-    ) -> ggml_backend_buffer_type_t;
+    pub fn ggml_backend_dev_host_buffer_type(device: ggml_backend_dev_t) -> ggml_backend_buffer_type_t;
     pub fn ggml_backend_dev_buffer_from_host_ptr(
         device: ggml_backend_dev_t,
         ptr: *mut ::core::ffi::c_void,
         size: usize,
         max_tensor_size: usize,
     ) -> ggml_backend_buffer_t;
-    pub fn ggml_backend_dev_supports_op(device: ggml_backend_dev_t, op: *const ggml_tensor)
-        -> bool;
-    pub fn ggml_backend_dev_supports_buft(
-        device: ggml_backend_dev_t,
-        buft: ggml_backend_buffer_type_t,
-    ) -> bool;
+    pub fn ggml_backend_dev_supports_op(device: ggml_backend_dev_t, op: *const ggml_tensor) -> bool;
+    pub fn ggml_backend_dev_supports_buft(device: ggml_backend_dev_t, buft: ggml_backend_buffer_type_t) -> bool;
     pub fn ggml_backend_dev_offload_op(device: ggml_backend_dev_t, op: *const ggml_tensor) -> bool;
     pub fn ggml_backend_reg_name(reg: ggml_backend_reg_t) -> *const ::core::ffi::c_char;
     pub fn ggml_backend_reg_dev_count(reg: ggml_backend_reg_t) -> usize;
@@ -920,9 +881,7 @@ unsafe extern "C" {
     pub fn ggml_backend_load_all();
     pub fn ggml_backend_load_all_from_path(dir_path: *const ::core::ffi::c_char);
     pub fn llama_ftype_name(ftype: llama_ftype) -> *const ::core::ffi::c_char;
-    pub fn llama_flash_attn_type_name(
-        flash_attn_type: llama_flash_attn_type,
-    ) -> *const ::core::ffi::c_char;
+    pub fn llama_flash_attn_type_name(flash_attn_type: llama_flash_attn_type) -> *const ::core::ffi::c_char;
     pub fn llama_load_mode_name(load_mode: llama_load_mode) -> *const ::core::ffi::c_char;
     pub fn llama_load_mode_from_str(str_: *const ::core::ffi::c_char) -> llama_load_mode;
     pub fn llama_version() -> *const ::core::ffi::c_char;
@@ -953,29 +912,17 @@ unsafe extern "C" {
         path_model: *const ::core::ffi::c_char,
         params: llama_model_params,
     ) -> *mut llama_model;
-    pub fn llama_model_load_from_file_ptr(
-        file: *mut FILE,
-        params: llama_model_params,
-    ) -> *mut llama_model;
+    pub fn llama_model_load_from_file_ptr(file: *mut FILE, params: llama_model_params) -> *mut llama_model;
     pub fn llama_model_load_from_splits(
         paths: *mut *const ::core::ffi::c_char,
         n_paths: usize,
         params: llama_model_params,
     ) -> *mut llama_model;
-    pub fn llama_model_save_to_file(
-        model: *const llama_model,
-        path_model: *const ::core::ffi::c_char,
-    );
+    pub fn llama_model_save_to_file(model: *const llama_model, path_model: *const ::core::ffi::c_char);
     pub fn llama_free_model(model: *mut llama_model);
     pub fn llama_model_free(model: *mut llama_model);
-    pub fn llama_init_from_model(
-        model: *mut llama_model,
-        params: llama_context_params,
-    ) -> *mut llama_context;
-    pub fn llama_new_context_with_model(
-        model: *mut llama_model,
-        params: llama_context_params,
-    ) -> *mut llama_context;
+    pub fn llama_init_from_model(model: *mut llama_model, params: llama_context_params) -> *mut llama_context;
+    pub fn llama_new_context_with_model(model: *mut llama_model, params: llama_context_params) -> *mut llama_context;
     pub fn llama_free(ctx: *mut llama_context);
     pub fn llama_time_us() -> i64;
     pub fn llama_max_devices() -> usize;
@@ -1035,11 +982,7 @@ unsafe extern "C" {
         buf: *mut ::core::ffi::c_char,
         buf_size: usize,
     ) -> i32;
-    pub fn llama_model_desc(
-        model: *const llama_model,
-        buf: *mut ::core::ffi::c_char,
-        buf_size: usize,
-    ) -> i32;
+    pub fn llama_model_desc(model: *const llama_model, buf: *mut ::core::ffi::c_char, buf_size: usize) -> i32;
     pub fn llama_model_ftype(model: *const llama_model) -> llama_ftype;
     pub fn llama_model_size(model: *const llama_model) -> u64;
     pub fn llama_model_chat_template(
@@ -1062,10 +1005,7 @@ unsafe extern "C" {
         model: *mut llama_model,
         path_lora: *const ::core::ffi::c_char,
     ) -> *mut llama_adapter_lora;
-    pub fn llama_adapter_lora_init_from_file_ptr(
-        model: *mut llama_model,
-        file: *mut FILE,
-    ) -> *mut llama_adapter_lora;
+    pub fn llama_adapter_lora_init_from_file_ptr(model: *mut llama_model, file: *mut FILE) -> *mut llama_adapter_lora;
     pub fn llama_adapter_meta_val_str(
         adapter: *const llama_adapter_lora,
         key: *const ::core::ffi::c_char,
@@ -1087,9 +1027,7 @@ unsafe extern "C" {
     ) -> i32;
     pub fn llama_adapter_lora_free(adapter: *mut llama_adapter_lora);
     pub fn llama_adapter_get_alora_n_invocation_tokens(adapter: *const llama_adapter_lora) -> u64;
-    pub fn llama_adapter_get_alora_invocation_tokens(
-        adapter: *const llama_adapter_lora,
-    ) -> *const llama_token;
+    pub fn llama_adapter_get_alora_invocation_tokens(adapter: *const llama_adapter_lora) -> *const llama_token;
     pub fn llama_set_adapters_lora(
         ctx: *mut llama_context,
         adapters: *mut *mut llama_adapter_lora,
@@ -1105,12 +1043,7 @@ unsafe extern "C" {
         il_end: i32,
     ) -> i32;
     pub fn llama_memory_clear(mem: llama_memory_t, data: bool);
-    pub fn llama_memory_seq_rm(
-        mem: llama_memory_t,
-        seq_id: llama_seq_id,
-        p0: llama_pos,
-        p1: llama_pos,
-    ) -> bool;
+    pub fn llama_memory_seq_rm(mem: llama_memory_t, seq_id: llama_seq_id, p0: llama_pos, p1: llama_pos) -> bool;
     pub fn llama_memory_seq_cp(
         mem: llama_memory_t,
         seq_id_src: llama_seq_id,
@@ -1169,12 +1102,7 @@ unsafe extern "C" {
         n_token_count: usize,
     ) -> bool;
     pub fn llama_state_seq_get_size(ctx: *mut llama_context, seq_id: llama_seq_id) -> usize;
-    pub fn llama_state_seq_get_data(
-        ctx: *mut llama_context,
-        dst: *mut u8,
-        size: usize,
-        seq_id: llama_seq_id,
-    ) -> usize;
+    pub fn llama_state_seq_get_data(ctx: *mut llama_context, dst: *mut u8, size: usize, seq_id: llama_seq_id) -> usize;
     pub fn llama_state_seq_set_data(
         ctx: *mut llama_context,
         src: *const u8,
@@ -1224,51 +1152,15 @@ unsafe extern "C" {
     pub fn llama_batch_ext_free(batch: *mut llama_batch_ext);
     pub fn llama_batch_ext_clear(batch: *mut llama_batch_ext);
     pub fn llama_batch_ext_add(batch: *mut llama_batch_ext, seq_id: llama_seq_id) -> i32;
-    pub fn llama_batch_ext_add_token(
-        batch: *mut llama_batch_ext,
-        seq_id: llama_seq_id,
-        id: llama_token,
-    ) -> i32;
-    pub fn llama_batch_ext_add_embd(
-        batch: *mut llama_batch_ext,
-        seq_id: llama_seq_id,
-        embd: llama_embd,
-    ) -> i32;
-    pub fn llama_batch_ext_add_seq(
-        batch: *mut llama_batch_ext,
-        idx: i32,
-        seq_id: llama_seq_id,
-    ) -> bool;
-    pub fn llama_batch_ext_set_embd_token(
-        batch: *mut llama_batch_ext,
-        idx: i32,
-        embd: llama_embd,
-    ) -> bool;
-    pub fn llama_batch_ext_set_embd_state(
-        batch: *mut llama_batch_ext,
-        idx: i32,
-        embd: llama_embd,
-    ) -> bool;
-    pub fn llama_batch_ext_set_output_embd(
-        batch: *mut llama_batch_ext,
-        idx: i32,
-        value: bool,
-    ) -> bool;
-    pub fn llama_batch_ext_set_output_logits(
-        batch: *mut llama_batch_ext,
-        idx: i32,
-        value: bool,
-    ) -> bool;
-    pub fn llama_batch_ext_set_pos(
-        batch: *mut llama_batch_ext,
-        idx: i32,
-        pos: *const llama_pos,
-    ) -> bool;
-    pub fn llama_process(
-        ctx: *mut llama_context,
-        type_: llama_process_type,
-        batch: *mut llama_batch_ext,
-    ) -> i32;
+    pub fn llama_batch_ext_add_token(batch: *mut llama_batch_ext, seq_id: llama_seq_id, id: llama_token) -> i32;
+    pub fn llama_batch_ext_add_embd(batch: *mut llama_batch_ext, seq_id: llama_seq_id, embd: llama_embd) -> i32;
+    pub fn llama_batch_ext_add_seq(batch: *mut llama_batch_ext, idx: i32, seq_id: llama_seq_id) -> bool;
+    pub fn llama_batch_ext_set_embd_token(batch: *mut llama_batch_ext, idx: i32, embd: llama_embd) -> bool;
+    pub fn llama_batch_ext_set_embd_state(batch: *mut llama_batch_ext, idx: i32, embd: llama_embd) -> bool;
+    pub fn llama_batch_ext_set_output_embd(batch: *mut llama_batch_ext, idx: i32, value: bool) -> bool;
+    pub fn llama_batch_ext_set_output_logits(batch: *mut llama_batch_ext, idx: i32, value: bool) -> bool;
+    pub fn llama_batch_ext_set_pos(batch: *mut llama_batch_ext, idx: i32, pos: *const llama_pos) -> bool;
+    pub fn llama_process(ctx: *mut llama_context, type_: llama_process_type, batch: *mut llama_batch_ext) -> i32;
     pub fn llama_set_n_threads(ctx: *mut llama_context, n_threads: i32, n_threads_batch: i32);
     pub fn llama_n_threads(ctx: *mut llama_context) -> i32;
     pub fn llama_n_threads_batch(ctx: *mut llama_context) -> i32;
@@ -1294,10 +1186,7 @@ unsafe extern "C" {
     pub fn llama_get_sampled_logits_count_ith(ctx: *mut llama_context, i: i32) -> u32;
     pub fn llama_get_sampled_candidates_ith(ctx: *mut llama_context, i: i32) -> *mut llama_token;
     pub fn llama_get_sampled_candidates_count_ith(ctx: *mut llama_context, i: i32) -> u32;
-    pub fn llama_vocab_get_text(
-        vocab: *const llama_vocab,
-        token: llama_token,
-    ) -> *const ::core::ffi::c_char;
+    pub fn llama_vocab_get_text(vocab: *const llama_vocab, token: llama_token) -> *const ::core::ffi::c_char;
     pub fn llama_vocab_get_score(vocab: *const llama_vocab, token: llama_token) -> f32;
     pub fn llama_vocab_get_attr(vocab: *const llama_vocab, token: llama_token) -> llama_token_attr;
     pub fn llama_vocab_is_eog(vocab: *const llama_vocab, token: llama_token) -> bool;
@@ -1322,10 +1211,7 @@ unsafe extern "C" {
     pub fn llama_vocab_fim_pad(vocab: *const llama_vocab) -> llama_token;
     pub fn llama_vocab_fim_rep(vocab: *const llama_vocab) -> llama_token;
     pub fn llama_vocab_fim_sep(vocab: *const llama_vocab) -> llama_token;
-    pub fn llama_token_get_text(
-        vocab: *const llama_vocab,
-        token: llama_token,
-    ) -> *const ::core::ffi::c_char;
+    pub fn llama_token_get_text(vocab: *const llama_vocab, token: llama_token) -> *const ::core::ffi::c_char;
     pub fn llama_token_get_score(vocab: *const llama_vocab, token: llama_token) -> f32;
     pub fn llama_token_get_attr(vocab: *const llama_vocab, token: llama_token) -> llama_token_attr;
     pub fn llama_token_is_eog(vocab: *const llama_vocab, token: llama_token) -> bool;
@@ -1380,17 +1266,9 @@ unsafe extern "C" {
         buf: *mut ::core::ffi::c_char,
         length: i32,
     ) -> i32;
-    pub fn llama_chat_builtin_templates(output: *mut *const ::core::ffi::c_char, len: usize)
-        -> i32;
-    pub fn llama_set_sampler(
-        ctx: *mut llama_context,
-        seq_id: llama_seq_id,
-        smpl: *mut llama_sampler,
-    ) -> bool;
-    pub fn llama_sampler_init(
-        iface: *mut llama_sampler_i,
-        ctx: llama_sampler_context_t,
-    ) -> *mut llama_sampler;
+    pub fn llama_chat_builtin_templates(output: *mut *const ::core::ffi::c_char, len: usize) -> i32;
+    pub fn llama_set_sampler(ctx: *mut llama_context, seq_id: llama_seq_id, smpl: *mut llama_sampler) -> bool;
+    pub fn llama_sampler_init(iface: *mut llama_sampler_i, ctx: llama_sampler_context_t) -> *mut llama_sampler;
     pub fn llama_sampler_name(smpl: *const llama_sampler) -> *const ::core::ffi::c_char;
     pub fn llama_sampler_accept(smpl: *mut llama_sampler, token: llama_token);
     pub fn llama_sampler_apply(smpl: *mut llama_sampler, cur_p: *mut llama_token_data_array);
@@ -1411,16 +1289,9 @@ unsafe extern "C" {
     pub fn llama_sampler_init_typical(p: f32, min_keep: usize) -> *mut llama_sampler;
     pub fn llama_sampler_init_temp(t: f32) -> *mut llama_sampler;
     pub fn llama_sampler_init_temp_ext(t: f32, delta: f32, exponent: f32) -> *mut llama_sampler;
-    pub fn llama_sampler_init_xtc(p: f32, t: f32, min_keep: usize, seed: u32)
-        -> *mut llama_sampler;
+    pub fn llama_sampler_init_xtc(p: f32, t: f32, min_keep: usize, seed: u32) -> *mut llama_sampler;
     pub fn llama_sampler_init_top_n_sigma(n: f32) -> *mut llama_sampler;
-    pub fn llama_sampler_init_mirostat(
-        n_vocab: i32,
-        seed: u32,
-        tau: f32,
-        eta: f32,
-        m: i32,
-    ) -> *mut llama_sampler;
+    pub fn llama_sampler_init_mirostat(n_vocab: i32, seed: u32, tau: f32, eta: f32, m: i32) -> *mut llama_sampler;
     pub fn llama_sampler_init_mirostat_v2(seed: u32, tau: f32, eta: f32) -> *mut llama_sampler;
     pub fn llama_sampler_init_grammar(
         vocab: *const llama_vocab,
@@ -1469,11 +1340,7 @@ unsafe extern "C" {
     ) -> *mut llama_sampler;
     pub fn llama_sampler_init_infill(vocab: *const llama_vocab) -> *mut llama_sampler;
     pub fn llama_sampler_get_seed(smpl: *const llama_sampler) -> u32;
-    pub fn llama_sampler_sample(
-        smpl: *mut llama_sampler,
-        ctx: *mut llama_context,
-        idx: i32,
-    ) -> llama_token;
+    pub fn llama_sampler_sample(smpl: *mut llama_sampler, ctx: *mut llama_context, idx: i32) -> llama_token;
     pub fn llama_split_path(
         split_path: *mut ::core::ffi::c_char,
         maxlen: usize,
@@ -1489,10 +1356,7 @@ unsafe extern "C" {
         split_count: i32,
     ) -> i32;
     pub fn llama_print_system_info() -> *const ::core::ffi::c_char;
-    pub fn llama_log_get(
-        log_callback: *mut ggml_log_callback,
-        user_data: *mut *mut ::core::ffi::c_void,
-    );
+    pub fn llama_log_get(log_callback: *mut ggml_log_callback, user_data: *mut *mut ::core::ffi::c_void);
     pub fn llama_log_set(log_callback: ggml_log_callback, user_data: *mut ::core::ffi::c_void);
     pub fn llama_perf_context(ctx: *const llama_context) -> llama_perf_context_data;
     pub fn llama_perf_context_print(ctx: *const llama_context);
@@ -1500,15 +1364,8 @@ unsafe extern "C" {
     pub fn llama_perf_sampler(chain: *const llama_sampler) -> llama_perf_sampler_data;
     pub fn llama_perf_sampler_print(chain: *const llama_sampler);
     pub fn llama_perf_sampler_reset(chain: *mut llama_sampler);
-    pub fn llama_opt_param_filter_all(
-        tensor: *const ggml_tensor,
-        userdata: *mut ::core::ffi::c_void,
-    ) -> bool;
-    pub fn llama_opt_init(
-        lctx: *mut llama_context,
-        model: *mut llama_model,
-        lopt_params: llama_opt_params,
-    );
+    pub fn llama_opt_param_filter_all(tensor: *const ggml_tensor, userdata: *mut ::core::ffi::c_void) -> bool;
+    pub fn llama_opt_init(lctx: *mut llama_context, model: *mut llama_model, lopt_params: llama_opt_params);
     pub fn llama_opt_epoch(
         lctx: *mut llama_context,
         dataset: ggml_opt_dataset_t,
@@ -1520,4 +1377,9 @@ unsafe extern "C" {
     );
     pub fn logquant_patch_version() -> *const ::core::ffi::c_char;
     pub fn logquant_memory_breakdown(ctx: *const llama_context, out: *mut logquant_memory) -> bool;
+    pub fn logquant_lq2_block_bytes() -> usize;
+    pub fn logquant_lq2_block_values() -> ::core::ffi::c_int;
+    pub fn logquant_lq2_quantize(x: *const f32, blocks: *mut ::core::ffi::c_void, n: i64, reference: bool) -> bool;
+    pub fn logquant_lq2_dequantize(blocks: *const ::core::ffi::c_void, y: *mut f32, n: i64) -> bool;
+    pub fn logquant_lq2_dot(blocks: *const ::core::ffi::c_void, y: *const f32, n: i64, out: *mut f32) -> bool;
 }

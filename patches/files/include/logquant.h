@@ -11,6 +11,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -35,6 +36,27 @@ struct logquant_memory {
 // Fills *out with the allocation sizes of ctx. Returns false (and leaves *out
 // untouched) when ctx or out is NULL.
 LLAMA_API bool logquant_memory_breakdown(const struct llama_context * ctx, struct logquant_memory * out);
+
+//
+// The 2-bit KV format (GGML_TYPE_LQ2, ggml-lq2.h): 64 values per 20-byte block.
+// These entry points run exactly the functions the KV cache uses, so tests can check
+// them against an independent implementation. n must be a multiple of 64; the
+// functions return false (and write nothing) otherwise or on NULL pointers.
+//
+
+// Bytes of one LQ2 block and values per block.
+LLAMA_API size_t logquant_lq2_block_bytes(void);
+LLAMA_API int    logquant_lq2_block_values(void);
+
+// Quantizes n floats into n/64 blocks with the CPU backend's from_float (what
+// set_rows runs when a token is written). `reference` selects ggml's from_float_ref.
+LLAMA_API bool logquant_lq2_quantize(const float * x, void * blocks, int64_t n, bool reference);
+
+// Dequantizes n values (ggml's to_float for the type).
+LLAMA_API bool logquant_lq2_dequantize(const void * blocks, float * y, int64_t n);
+
+// The CPU dot product attention uses for K.q: sum_i dequant(blocks)[i] * y[i].
+LLAMA_API bool logquant_lq2_dot(const void * blocks, const float * y, int64_t n, float * out);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,20 @@
+// CPU kernels of LogQuant's 2-bit KV format (GGML_TYPE_LQ2; see ggml-lq2.h).
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// from_float for set_rows: every token is quantized once, when it is written.
+void quantize_row_lq2(const float * x, void * y, int64_t k);
+
+// Dot product of n values of an LQ2 row (vx) with an f32 row (vy): the query is
+// kept in f32 (vec_dot_type = GGML_TYPE_F32), so K.q carries no rounding of q.
+void ggml_vec_dot_lq2_f32(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,78 @@
+// LogQuant's 2-bit block format: reference quantization and dequantization.
+// See ggml-lq2.h for the format.
+#include "ggml-lq2.h"
+#include "ggml-impl.h"
+
+#include <assert.h>
+#include <math.h>
+#include <string.h>
+
+// Largest finite f16.
+#define LQ2_F16_MAX 65504.0f
+
+static float lq2_clamp_f16(float v) {
+    return v > LQ2_F16_MAX ? LQ2_F16_MAX : (v < -LQ2_F16_MAX ? -LQ2_F16_MAX : v);
+}
+
+void quantize_row_lq2_ref(const float * x, block_lq2 * y, int64_t k) {
+    assert(k % QK_LQ2 == 0);
+    const int64_t nb = k / QK_LQ2;
+
+    for (int64_t i = 0; i < nb; i++) {
+        const float * xb = x + i*QK_LQ2;
+
+        float mn = INFINITY;
+        float mx = -INFINITY;
+        for (int j = 0; j < QK_LQ2; j++) {
+            const float v = xb[j];
+            if (v < mn) mn = v; // NaN compares false: it never becomes min or max
+            if (v > mx) mx = v;
+        }
+        if (mn > mx) { // every value NaN
+            mn = mx = 0.0f;
+        }
+        mn = lq2_clamp_f16(mn);
+        mx = lq2_clamp_f16(mx);
+
+        // Quantize against the values the block will really hold (f16-rounded), so
+        // the rounding of q is consistent with the dequantized levels.
+        const ggml_fp16_t m_h = GGML_FP32_TO_FP16(mn);
+        const ggml_fp16_t d_h = GGML_FP32_TO_FP16((mx - mn) / 3.0f);
+        const float m  = GGML_FP16_TO_FP32(m_h);
+        const float d  = GGML_FP16_TO_FP32(d_h);
+        const float id = d > 0.0f ? 1.0f / d : 0.0f;
+
+        y[i].d = d_h;
+        y[i].m = m_h;
+        memset(y[i].qs, 0, sizeof(y[i].qs));
+        for (int j = 0; j < QK_LQ2; j++) {
+            const float t = (xb[j] - m) * id;
+            // !(t > 0) also catches NaN
+            const int q = !(t > 0.0f) ? 0 : (t >= 3.0f ? 3 : (int) (t + 0.5f));
+            y[i].qs[j/4] |= (uint8_t) (q << (2*(j%4)));
+        }
+    }
+}
+
+void dequantize_row_lq2(const block_lq2 * x, float * y, int64_t k) {
+    assert(k % QK_LQ2 == 0);
+    const int64_t nb = k / QK_LQ2;
+
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+        const float m = GGML_FP16_TO_FP32(x[i].m);
+        for (int j = 0; j < QK_LQ2; j++) {
+            const int q = (x[i].qs[j/4] >> (2*(j%4))) & 3;
+            y[i*QK_LQ2 + j] = m + d*(float) q;
+        }
+    }
+}
+
+size_t quantize_lq2(const float * src, void * dst, int64_t nrow, int64_t n_per_row, const float * imatrix) {
+    (void) imatrix;
+    const size_t row_size = (size_t) (n_per_row / QK_LQ2) * sizeof(block_lq2);
+    for (int64_t r = 0; r < nrow; r++) {
+        quantize_row_lq2_ref(src + r*n_per_row, (block_lq2 *) ((char *) dst + r*row_size), n_per_row);
+    }
+    return (size_t) nrow * row_size;
+}

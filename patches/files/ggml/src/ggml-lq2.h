@@ -1,0 +1,44 @@
+// ggml-lq2.h — LogQuant's 2-bit KV block format (GGML_TYPE_LQ2).
+//
+// Asymmetric 2-bit quantization in groups of 64 values along a row (the channel
+// dimension of one token; a group never straddles two heads as long as the head size
+// is a multiple of 64, which llama.cpp checks for every quantized cache type):
+//
+//     x ~= m + d * q,   q in {0, 1, 2, 3},   d = (max - min) / 3,   m = min
+//
+// d and m are stored as f16: 2 + 2 + 64 * 2 / 8 = 20 bytes per 64 values = 2.5 bits.
+// Value j of a block sits in qs[j / 4], bits 2 * (j % 4) (the layout of upstream q2_0).
+//
+// Edge cases: a constant group has d = 0 and decodes exactly to fp16(x); d and m are
+// clamped to the finite f16 range (|v| <= 65504), so huge values saturate instead of
+// turning into inf; a NaN input encodes as q = 0 (the group's minimum) and does not
+// take part in min/max.
+#pragma once
+
+#include "ggml.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QK_LQ2 64
+
+typedef struct {
+    ggml_fp16_t d;            // step between levels
+    ggml_fp16_t m;            // value of level 0 (the group minimum)
+    uint8_t     qs[QK_LQ2/4]; // 2 bits per value
+} block_lq2;
+
+// Reference quantization: k must be a multiple of QK_LQ2.
+void quantize_row_lq2_ref(const float * x, block_lq2 * y, int64_t k);
+// Inverse: y[i] = m + d * q[i].
+void dequantize_row_lq2(const block_lq2 * x, float * y, int64_t k);
+// ggml_quantize_chunk's entry point (no importance matrix: the KV cache has none).
+size_t quantize_lq2(const float * src, void * dst, int64_t nrow, int64_t n_per_row, const float * imatrix);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,83 @@
+//! logquant's 2-bit KV format: the C kernels (what the KV cache runs) against the
+//! independent Rust implementation in src/lq2.rs, and the format's error bound.
+
+use logquant::llama::lq2_kernels as c;
+use logquant::lq2;
+use proptest::prelude::*;
+
+fn groups() -> impl Strategy<Value = Vec<f32>> {
+    let value = prop_oneof![-4.0f32..4.0, -1e-3f32..1e-3, -2000.0f32..2000.0, Just(0.0f32), Just(1.5f32),];
+    (1usize..5).prop_flat_map(move |n| prop::collection::vec(value.clone(), n * 64))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn c_kernels_match_the_rust_reference_bit_for_bit(x in groups()) {
+        let reference = lq2::quantize(&x);
+        prop_assert_eq!(&c::quantize(&x, true).unwrap(), &reference, "from_float_ref");
+        prop_assert_eq!(&c::quantize(&x, false).unwrap(), &reference, "CPU from_float");
+        prop_assert_eq!(c::dequantize(&reference).unwrap(), lq2::dequantize(&reference));
+    }
+
+    #[test]
+    fn round_trip_error_is_within_the_bound(x in groups()) {
+        let y = lq2::dequantize(&c::quantize(&x, false).unwrap());
+        for (g, (xs, ys)) in x.chunks(64).zip(y.chunks(64)).enumerate() {
+            let bound = lq2::error_bound(xs);
+            for (a, b) in xs.iter().zip(ys) {
+                prop_assert!((a - b).abs() <= bound, "group {}: {} -> {} exceeds {}", g, a, b, bound);
+            }
+        }
+    }
+
+    #[test]
+    fn dot_product_equals_the_dequantized_dot(x in groups(), seed in 0u32..1000) {
+        let blocks = c::quantize(&x, false).unwrap();
+        let y: Vec<f32> = (0..x.len()).map(|i| (((i as u32 * 2654435761u32) ^ seed) % 2001) as f32 / 1000.0 - 1.0).collect();
+        let deq = lq2::dequantize(&blocks);
+        let expect: f64 = deq.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let scale: f64 = deq.iter().zip(&y).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum::<f64>() + 1e-6;
+        let got = c::dot(&blocks, &y).unwrap() as f64;
+        prop_assert!((got - expect).abs() <= 1e-5 * scale, "{} vs {}", got, expect);
+    }
+}
+
+#[test]
+fn dot_of_ones() {
+    let x: Vec<f32> = (0..64).map(|i| (i % 4) as f32).collect();
+    let blocks = c::quantize(&x, false).unwrap();
+    let y = vec![1.0f32; 64];
+    assert_eq!(c::dot(&blocks, &y).unwrap(), 96.0);
+}
+
+#[test]
+fn edge_cases() {
+    // A constant group decodes exactly to its f16 value.
+    let x = vec![-7.25f32; 64];
+    assert_eq!(lq2::dequantize(&c::quantize(&x, false).unwrap()), x);
+    // Zeros stay zeros.
+    assert!(lq2::dequantize(&c::quantize(&[0.0; 128], false).unwrap()).iter().all(|&v| v == 0.0));
+    // Huge values saturate at the f16 range instead of becoming inf.
+    let mut x = vec![1.0f32; 64];
+    x[3] = 1e9;
+    x[7] = -1e9;
+    let y = lq2::dequantize(&c::quantize(&x, false).unwrap());
+    assert!(y.iter().all(|v| v.is_finite()));
+    // The top level is m + 3d with d rounded to f16: within one f16 ulp of the clamp.
+    assert_eq!(y[7], -65504.0);
+    assert!((y[3] - 65504.0).abs() <= 32.0, "{}", y[3]);
+    // NaN takes level 0 (the group minimum) and does not disturb the others.
+    let mut x: Vec<f32> = (0..64).map(|i| (i % 4) as f32).collect();
+    x[10] = f32::NAN;
+    let blocks = c::quantize(&x, false).unwrap();
+    assert_eq!(blocks, lq2::quantize(&x));
+    let y = lq2::dequantize(&blocks);
+    assert_eq!(y[10], 0.0);
+    assert_eq!(y[11], 3.0);
+    // Block size and bad lengths.
+    assert_eq!(c::block_bytes(), lq2::BLOCK_BYTES);
+    assert!(c::quantize(&[1.0; 63], false).is_err());
+    assert!(c::dot(&[0u8; 20], &[1.0; 128]).is_err());
+}
