@@ -43,6 +43,13 @@ impl KvConfig {
             return Ok(KvConfig::Q2);
         }
         let err = |why: String| KvConfigError { name: text.to_string(), why };
+        let kind = text.split(':').next().unwrap_or("").to_ascii_lowercase();
+        if ["logquant", "kivi", "streaming"].contains(&kind.as_str()) {
+            return Err(err(format!(
+                "the two-tier cache that {kind} needs (f16 overlay over the 2-bit store) is not built yet; \
+                 'q2' (every token at 2 bits) is available"
+            )));
+        }
         let one = |name: &str| {
             KvCacheType::from_name(name).ok_or_else(|| {
                 err(format!("'{name}' is not a cache type; use one of {}", cache_type_names().join(", ")))
@@ -115,6 +122,8 @@ mod tests {
         assert!(e.to_string().contains("q3_0"));
         assert!(e.to_string().contains("q8_0"));
         assert!(KvConfig::parse("f16/").is_err());
+        let e = KvConfig::parse("logquant:D=384").unwrap_err();
+        assert!(e.to_string().contains("not built yet"), "{e}");
         assert!(KvConfig::parse("").is_err());
     }
 

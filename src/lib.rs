@@ -18,6 +18,7 @@ pub mod lq2;
 pub mod plan;
 pub mod progress;
 pub mod report;
+pub mod retention;
 
 mod sys {
     pub(crate) mod ffi;
