@@ -464,6 +464,17 @@ impl<'m> Context<'m> {
         unsafe { ffi::llama_memory_seq_rm(ffi::llama_get_memory(self.ptr.as_ptr()), seq, p0, p1) }
     }
 
+    /// Copies every token of sequence `src` to `dst` (whole sequences only: llama.cpp
+    /// asserts on partial copies between KV streams). The data moves at the next decode.
+    pub fn copy_sequence(&mut self, src: i32, dst: i32) -> Result<(), LlamaError> {
+        let n = self.n_seq_max as i32;
+        if !(0..n).contains(&src) || !(0..n).contains(&dst) {
+            return Err(LlamaError::InvalidArgument(format!("sequences {src} and {dst} must be within 0..{n}")));
+        }
+        unsafe { ffi::llama_memory_seq_cp(ffi::llama_get_memory(self.ptr.as_ptr()), src, dst, -1, -1) };
+        Ok(())
+    }
+
     /// The highest position held for `seq`, or -1 when the sequence is empty.
     pub fn pos_max(&self, seq: i32) -> i32 {
         unsafe { ffi::llama_memory_seq_pos_max(ffi::llama_get_memory(self.ptr.as_ptr()), seq) }

@@ -7,6 +7,17 @@
 #include <math.h>
 #include <string.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#define LQ2_L(b)   { (float) ((b) & 3), (float) (((b) >> 2) & 3), (float) (((b) >> 4) & 3), (float) (((b) >> 6) & 3) }
+#define LQ2_R4(b)  LQ2_L(b), LQ2_L((b) + 1), LQ2_L((b) + 2), LQ2_L((b) + 3)
+#define LQ2_R16(b) LQ2_R4(b), LQ2_R4((b) + 4), LQ2_R4((b) + 8), LQ2_R4((b) + 12)
+#define LQ2_R64(b) LQ2_R16(b), LQ2_R16((b) + 16), LQ2_R16((b) + 32), LQ2_R16((b) + 48)
+
+const float ggml_lq2_levels[256][4] = { LQ2_R64(0), LQ2_R64(64), LQ2_R64(128), LQ2_R64(192) };
+
 // Largest finite f16.
 #define LQ2_F16_MAX 65504.0f
 
@@ -61,10 +72,21 @@ void dequantize_row_lq2(const block_lq2 * x, float * y, int64_t k) {
     for (int64_t i = 0; i < nb; i++) {
         const float d = GGML_FP16_TO_FP32(x[i].d);
         const float m = GGML_FP16_TO_FP32(x[i].m);
-        for (int j = 0; j < QK_LQ2; j++) {
-            const int q = (x[i].qs[j/4] >> (2*(j%4))) & 3;
-            y[i*QK_LQ2 + j] = m + d*(float) q;
+        float * yb = y + i*QK_LQ2;
+#if defined(__AVX2__) && defined(__FMA__)
+        // Attention's V path calls this for every cell: 8 values per step via the table.
+        const __m256 dv = _mm256_set1_ps(d);
+        const __m256 mv = _mm256_set1_ps(m);
+        for (int j = 0; j < QK_LQ2/8; j++) {
+            const __m256 q = _mm256_set_m128(_mm_loadu_ps(ggml_lq2_levels[x[i].qs[2*j + 1]]),
+                                             _mm_loadu_ps(ggml_lq2_levels[x[i].qs[2*j]]));
+            _mm256_storeu_ps(yb + 8*j, _mm256_fmadd_ps(dv, q, mv));
         }
+#else
+        for (int j = 0; j < QK_LQ2; j++) {
+            yb[j] = m + d*ggml_lq2_levels[x[i].qs[j/4]][j%4];
+        }
+#endif
     }
 }
 

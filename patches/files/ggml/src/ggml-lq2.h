@@ -32,6 +32,10 @@ typedef struct {
     uint8_t     qs[QK_LQ2/4]; // 2 bits per value
 } block_lq2;
 
+// ggml_lq2_levels[b] = the 4 levels (0..3, as floats) packed in byte b, in value order:
+// a lookup that turns 2-bit codes into floats 4 at a time.
+extern const float ggml_lq2_levels[256][4];
+
 // Reference quantization: k must be a multiple of QK_LQ2.
 void quantize_row_lq2_ref(const float * x, block_lq2 * y, int64_t k);
 // Inverse: y[i] = m + d * q[i].

@@ -7,13 +7,15 @@
 
 #include <assert.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 void quantize_row_lq2(const float * x, void * y, int64_t k) {
     quantize_row_lq2_ref(x, (block_lq2 *) y, k);
 }
 
-// sum_j (m + d q_j) y_j = m * sum_j y_j + d * sum_j q_j y_j, per block of 64.
-// The inner loops are plain float arithmetic over fixed-size arrays, which the
-// compiler vectorizes (AVX2/FMA in the default x86-64-v3 build).
+// sum_j (m + d q_j) y_j over the row, block by block.
 void ggml_vec_dot_lq2_f32(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc) {
     assert(nrc == 1);
     assert(n % QK_LQ2 == 0);
@@ -23,23 +25,39 @@ void ggml_vec_dot_lq2_f32(int n, float * s, size_t bs, const void * vx, size_t b
     const float     * y = (const float *) vy;
     const int nb = n / QK_LQ2;
 
+#if defined(__AVX2__) && defined(__FMA__)
+    // Each byte of qs holds 4 levels; the table turns a byte into those 4 floats, two
+    // bytes make 8 lanes: 8 loads + 16 FMAs per block of 64 values.
+    const float (*lut)[4] = ggml_lq2_levels;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const __m256 d = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x[i].d));
+        const __m256 m = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x[i].m));
+        const uint8_t * qs = x[i].qs;
+        const float * yb = y + i*QK_LQ2;
+        for (int k = 0; k < QK_LQ2/8; k++) {
+            const __m256 q = _mm256_set_m128(_mm_loadu_ps(lut[qs[2*k + 1]]), _mm_loadu_ps(lut[qs[2*k]]));
+            acc = _mm256_fmadd_ps(_mm256_fmadd_ps(d, q, m), _mm256_loadu_ps(yb + 8*k), acc);
+        }
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    *s = _mm_cvtss_f32(r);
+#else
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
+        const float d = GGML_CPU_FP16_TO_FP32(x[i].d);
+        const float m = GGML_CPU_FP16_TO_FP32(x[i].m);
         const float * yb = y + i*QK_LQ2;
-        float q[QK_LQ2];
-        for (int j = 0; j < QK_LQ2/4; j++) {
-            const uint8_t b = x[i].qs[j];
-            q[4*j + 0] = (float) ((b >> 0) & 3);
-            q[4*j + 1] = (float) ((b >> 2) & 3);
-            q[4*j + 2] = (float) ((b >> 4) & 3);
-            q[4*j + 3] = (float) ((b >> 6) & 3);
-        }
         float sy = 0.0f, sqy = 0.0f;
         for (int j = 0; j < QK_LQ2; j++) {
+            const int q = (x[i].qs[j/4] >> (2*(j%4))) & 3;
             sy  += yb[j];
-            sqy += q[j]*yb[j];
+            sqy += (float) q*yb[j];
         }
-        sum += GGML_CPU_FP16_TO_FP32(x[i].m)*sy + GGML_CPU_FP16_TO_FP32(x[i].d)*sqy;
+        sum += m*sy + d*sqy;
     }
     *s = sum;
+#endif
 }
