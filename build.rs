@@ -31,9 +31,18 @@ fn main() {
     for path in ["vendor", "patches", "build.rs"] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
-    for var in ["LOGQUANT_CPU_TARGET", "CC", "CXX", "CFLAGS", "CXXFLAGS"] {
-        println!("cargo:rerun-if-env-changed={var}");
+    // What the cc crate reads to pick the compiler and flags (we ask it not to print
+    // these itself, so list them here).
+    let target = env::var("TARGET").unwrap();
+    let target_us = target.replace('-', "_");
+    for base in ["CC", "CXX", "CFLAGS", "CXXFLAGS", "AR", "CRATE_CC_NO_DEFAULTS"] {
+        for var in
+            [base.to_string(), format!("{base}_{target}"), format!("{base}_{target_us}"), format!("TARGET_{base}")]
+        {
+            println!("cargo:rerun-if-env-changed={var}");
+        }
     }
+    println!("cargo:rerun-if-env-changed=LOGQUANT_CPU_TARGET");
 
     let backend = Backend::from_features();
     let tree = out.join("llama.cpp");
@@ -46,9 +55,9 @@ fn main() {
     let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap();
     let units = source_units(&tree, backend, &target_arch);
 
-    let flags = Flags::new(&tree, &gen, backend, &target_arch);
+    let flags = Flags::new(&tree, &gen, backend, &target_arch, &target_os);
     let cache = object_cache_dir(&out);
-    let headers_hash = hash_headers(&tree);
+    let headers_hash = hash_headers(&[&tree, &gen]);
     let objects = compile_all(&tree, &gen, &units, &flags, &cache, headers_hash);
 
     let lib = out.join("libllama_logquant.a");
@@ -267,28 +276,29 @@ struct Flags {
     cxx: cc::Tool,
     common: Vec<String>,
     cpu_target: Vec<String>,
+    /// `--version` of the C and C++ compilers: an upgrade in place invalidates the cache.
+    versions: String,
 }
 
 impl Flags {
-    fn new(tree: &Path, gen: &Path, backend: Backend, target_arch: &str) -> Flags {
+    fn new(tree: &Path, gen: &Path, backend: Backend, target_arch: &str, target_os: &str) -> Flags {
         // llama.cpp is always optimised, also in `cargo test` (debug) builds: a -O0
         // llama.cpp makes every test on a model many times slower.
         let tool = |cpp: bool| {
             cc::Build::new().cpp(cpp).opt_level(3).debug(false).warnings(false).cargo_metadata(false).get_compiler()
         };
-        let mut common: Vec<String> = [
-            "-DNDEBUG",
-            "-D_GNU_SOURCE",
-            "-D_XOPEN_SOURCE=600",
-            "-DGGML_USE_CPU",
-            "-DGGML_USE_LLAMAFILE",
-            "-DGGML_SCHED_MAX_COPIES=4",
-            "-pthread",
-            "-w",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        // The feature-test macros ggml's CMakeLists.txt sets per platform.
+        let platform: &[&str] = match target_os {
+            "linux" | "android" => &["-D_GNU_SOURCE", "-D_XOPEN_SOURCE=600"],
+            "macos" | "ios" => &["-D_XOPEN_SOURCE=600", "-D_DARWIN_C_SOURCE"],
+            _ => &["-D_XOPEN_SOURCE=600"],
+        };
+        let mut common: Vec<String> =
+            ["-DNDEBUG", "-DGGML_USE_CPU", "-DGGML_USE_LLAMAFILE", "-DGGML_SCHED_MAX_COPIES=4", "-pthread", "-w"]
+                .iter()
+                .chain(platform)
+                .map(|s| s.to_string())
+                .collect();
         if backend == Backend::Cuda {
             common.push("-DGGML_USE_CUDA".into());
         }
@@ -296,7 +306,16 @@ impl Flags {
             common.push(format!("-I{}", tree.join(inc).display()));
         }
         common.push(format!("-I{}", gen.display()));
-        Flags { c: tool(false), cxx: tool(true), common, cpu_target: cpu_target_flags(target_arch) }
+        let (c, cxx) = (tool(false), tool(true));
+        let version = |t: &cc::Tool| {
+            Command::new(t.path())
+                .arg("--version")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let versions = version(&c) + &version(&cxx);
+        Flags { c, cxx, common, cpu_target: cpu_target_flags(target_arch), versions }
     }
 
     fn command(&self, unit: &Unit, src: &Path, obj: &Path) -> Command {
@@ -313,7 +332,7 @@ impl Flags {
     /// `cargo clippy` of the same code), and so is the environment.
     fn describe(&self, unit: &Unit, tree: &Path, gen: &Path) -> String {
         let tool = if unit.cpp { &self.cxx } else { &self.c };
-        let mut key = format!("{}|{}", tool.path().display(), if unit.cpp { "c++" } else { "c" });
+        let mut key = format!("{}|{}|{}", tool.path().display(), self.versions, if unit.cpp { "c++" } else { "c" });
         for arg in tool
             .args()
             .iter()
@@ -355,21 +374,22 @@ fn object_cache_dir(out: &Path) -> PathBuf {
     dir
 }
 
-fn hash_headers(tree: &Path) -> u64 {
-    let mut files = Vec::new();
-    collect_files(
-        tree,
-        &mut |p| {
-            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-            matches!(ext, "h" | "hpp" | "inc" | "cuh")
-        },
-        &mut files,
-    );
-    files.sort();
+/// One hash over every header of the given folders (the tree and the generated
+/// version headers): a change to any header recompiles everything.
+fn hash_headers(dirs: &[&Path]) -> u64 {
     let mut h = DefaultHasher::new();
-    for f in files {
-        h.write(f.strip_prefix(tree).unwrap().to_string_lossy().as_bytes());
-        h.write(&fs::read(&f).unwrap());
+    for dir in dirs {
+        let mut files = Vec::new();
+        collect_files(
+            dir,
+            &mut |p| matches!(p.extension().and_then(|e| e.to_str()).unwrap_or(""), "h" | "hpp" | "inc" | "cuh"),
+            &mut files,
+        );
+        files.sort();
+        for f in files {
+            h.write(f.strip_prefix(dir).unwrap().to_string_lossy().as_bytes());
+            h.write(&fs::read(&f).unwrap());
+        }
     }
     h.finish()
 }
@@ -417,11 +437,16 @@ fn compile_all(
                 let stem = unit.path.to_string_lossy().replace(['/', '.'], "_");
                 let obj = cache.join(format!("{stem}-{:016x}.o", h.finish()));
                 if !obj.exists() {
-                    let tmp = obj.with_extension("o.tmp");
+                    // A name of this process and unit: two builds sharing the cache
+                    // (debug and release at once) never rename each other's half-written file.
+                    let tmp = obj.with_extension(format!("{}.{i}.tmp", std::process::id()));
                     let output = flags.command(unit, &src, &tmp).output();
                     match output {
                         Ok(o) if o.status.success() => {
-                            fs::rename(&tmp, &obj).unwrap();
+                            if fs::rename(&tmp, &obj).is_err() && !obj.exists() {
+                                errors.lock().unwrap().push(format!("cannot store {}", obj.display()));
+                            }
+                            let _ = fs::remove_file(&tmp);
                             compiled.fetch_add(1, Ordering::SeqCst);
                         }
                         Ok(o) => errors.lock().unwrap().push(format!(

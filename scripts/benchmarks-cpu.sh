@@ -3,12 +3,12 @@
 # ../shared/eval, N=4096, S=16, llama.cpp's own cache types; q4_0 again with the
 # Hadamard rotation off; bench at depths 4096 and 16384, batch 1 and 4; plan in 4 GiB.
 # q2 (every token in the 2-bit lq2 format) runs beside llama.cpp's types.
-# Writes bench-results/*.json and *.txt. Run on an otherwise idle machine.
+# Writes docs/results/cpu/*.json and *.txt. Run on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release
 M=$(python3 scripts/fetch-model.py)
-out=bench-results
+out=docs/results/cpu
 mkdir -p "$out"
 what=${1:-all}
 if [ "$what" = all ] || [ "$what" = eval ]; then

@@ -98,7 +98,8 @@ fn filler_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<Token> {
             x ^= x >> 7;
             x ^= x << 17;
             // Stay clear of the first ids, where vocabularies keep control tokens.
-            (16 + (x % (n_vocab as u64 - 16))) as Token
+            let skip = if n_vocab > 32 { 16 } else { 0 };
+            (skip + x % (n_vocab as u64 - skip).max(1)) as Token
         })
         .collect()
 }
@@ -131,22 +132,32 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
         for &depth in &opts.depths {
             progress.set_label(format!("bench {kv} depth {depth}"));
             let per_seq = depth + opts.gen + 1;
+            let trained = model.info.n_ctx_train as usize;
+            if depth == 0 || (trained > 0 && per_seq > trained) {
+                return Err(EngineError::Input(format!(
+                    "--depth {depth} + {} generated tokens must be positive and within the model's {trained}-token context",
+                    opts.gen
+                )));
+            }
             let mut cfg = opts.context.clone();
             cfg.kv = kv;
             cfg.n_seq = max_batch as u32;
-            cfg.n_ctx = (per_seq * max_batch) as u32;
+            cfg.n_ctx = u32::try_from(per_seq * max_batch).map_err(|_| {
+                EngineError::Input(format!("{max_batch} sequences of {per_seq} tokens are too many cells"))
+            })?;
             let mut ctx = model.new_context(&cfg)?;
             let kv_bytes = ctx.memory().kv_bytes();
             let kv_cells = ctx.n_ctx() as usize;
-            let mut batch = Batch::new(ctx.n_batch() as usize);
+            let mut batch = Batch::new(ctx.n_batch() as usize)?;
 
             // Prefill speed, from an empty sequence 0.
             let prefill_tokens = filler_tokens(opts.prefill.min(depth.max(1)), n_vocab, 1);
             let mut prefill = Vec::new();
             for rep in 0..=opts.reps {
-                ctx.remove(0, 0, -1);
+                ctx.remove(0, 0, -1)?;
                 let t = Instant::now();
                 fill(&mut ctx, &mut batch, &prefill_tokens, 0, 0)?;
+                ctx.synchronize();
                 let secs = t.elapsed().as_secs_f64();
                 if rep > 0 {
                     prefill.push(prefill_tokens.len() as f64 / secs);
@@ -162,7 +173,7 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
             }
 
             for &b in &opts.batches {
-                let mut step_batch = Batch::new(b);
+                let mut step_batch = Batch::new(b)?;
                 let mut ms_per_step = Vec::new();
                 let mut tps = Vec::new();
                 for rep in 0..=opts.reps {
@@ -176,9 +187,10 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
                         }
                         ctx.decode(&step_batch)?;
                     }
+                    ctx.synchronize();
                     let secs = t.elapsed().as_secs_f64();
                     for s in 0..b {
-                        ctx.remove(s as i32, depth as i32, -1);
+                        ctx.remove(s as i32, depth as i32, -1)?;
                     }
                     if rep > 0 {
                         ms_per_step.push(1e3 * secs / steps as f64);

@@ -17,7 +17,7 @@ pub enum EngineError {
     #[error(transparent)]
     Llama(#[from] LlamaError),
     #[error(
-        "context of {requested} tokens (per sequence) is larger than the {trained} this model was trained for; use -c {trained} or less"
+        "a context of {requested} tokens (per sequence) is larger than the {trained} this model was trained for; ask for {trained} or fewer"
     )]
     ContextTooLong { requested: u32, trained: u32 },
     #[error("a quantized V cache ({v}) needs flash attention; drop --flash-attn off, or use --cache-type-v f16")]
@@ -78,7 +78,8 @@ impl ContextConfig {
     }
 }
 
-/// Physical cores are what llama.cpp's kernels scale with; hyper-threads rarely help.
+/// The logical CPUs the process may use, at most 16 (llama.cpp's kernels gain little
+/// beyond; on machines with hyper-threading, -t with the physical core count may be faster).
 pub fn default_threads() -> i32 {
     std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(4).clamp(1, 16)
 }
@@ -96,9 +97,10 @@ impl LoadedModel {
         if cfg.kv.v.ggml_type().is_quantized() && cfg.flash_attn == FlashAttn::Off {
             return Err(EngineError::QuantizedVNeedsFlashAttn { v: cfg.kv.v });
         }
-        if cfg.threads < 1 {
-            return Err(EngineError::Input(format!("--threads must be at least 1, not {}", cfg.threads)));
+        if !(1..=MAX_THREADS).contains(&cfg.threads) {
+            return Err(EngineError::Input(format!("--threads must be within 1..={MAX_THREADS}, not {}", cfg.threads)));
         }
+        self.check_block_sizes(cfg.kv)?;
         if cfg.n_batch == 0 || cfg.n_ubatch == 0 || cfg.n_seq == 0 {
             return Err(EngineError::Input(
                 "--batch-size, --ubatch-size and the sequence count must be positive".into(),
@@ -116,14 +118,41 @@ impl LoadedModel {
         p.n_batch = cfg.n_batch.min(n_ctx);
         p.n_ubatch = cfg.n_ubatch.min(p.n_batch);
         p.n_seq_max = cfg.n_seq;
-        p.type_k = cfg.kv.k.ggml_type().id();
-        p.type_v = cfg.kv.v.ggml_type().id();
+        p.type_k = cfg.kv.k;
+        p.type_v = cfg.kv.v;
         p.flash_attn = cfg.flash_attn;
         Ok(Context::new(&self.model, &p)?)
     }
 }
 
 pub const MIB: f64 = 1024.0 * 1024.0;
+
+/// ggml's GGML_MAX_N_THREADS: ggml aborts when it cannot start more.
+pub const MAX_THREADS: i32 = 512;
+
+impl LoadedModel {
+    /// A quantized cache type needs whole blocks per head: llama.cpp checks that only
+    /// with flash attention on, and without it a block straddling two heads silently
+    /// mixes them.
+    fn check_block_sizes(&self, kv: KvConfig) -> Result<(), EngineError> {
+        let i = &self.info;
+        let heads = [
+            ("K", kv.k, i.head_dim_k),
+            ("V", kv.v, i.head_dim_v),
+            ("K", kv.k, i.head_dim_k_swa),
+            ("V", kv.v, i.head_dim_v_swa),
+        ];
+        for (what, t, head) in heads {
+            let block = t.ggml_type().block_size();
+            if head > 0 && u64::from(head) % block != 0 {
+                return Err(EngineError::Input(format!(
+                    "cache type {t} stores blocks of {block} values, which do not divide this model's {what} head size {head}; use a type with smaller blocks (e.g. f16 or q8_0)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Memory the system can still give (MemAvailable on Linux); None where unknown.
 pub fn available_memory() -> Option<u64> {

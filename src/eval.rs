@@ -14,6 +14,10 @@ use crate::kvconfig::KvConfig;
 use crate::llama::{Batch, Context, Token};
 use crate::progress::Progress;
 
+/// The largest step: every position's logits are kept for a step (n_vocab floats each,
+/// per configuration), and llama.cpp's micro-batch is the step.
+pub const MAX_STEP: usize = 512;
+
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
     /// Tokens of the text to feed (N).
@@ -98,8 +102,8 @@ pub fn evaluate(
     if n < 2 {
         return Err(EngineError::Input("need at least 2 tokens to score".into()));
     }
-    if opts.step == 0 {
-        return Err(EngineError::Input("--step must be at least 1".into()));
+    if opts.step == 0 || opts.step > MAX_STEP {
+        return Err(EngineError::Input(format!("--step must be within 1..={MAX_STEP}, not {}", opts.step)));
     }
     let make = |kv: KvConfig| -> Result<Track, EngineError> {
         let mut cfg = opts.context.clone();
@@ -110,11 +114,13 @@ pub fn evaluate(
         cfg.kv = kv;
         Ok(Track { config: kv, ctx: model.new_context(&cfg)?, klds: Vec::new(), top1_hits: 0, nll: 0.0, seconds: 0.0 })
     };
+    // The f16 reference runs once; an f16 in the list is reported from it.
     let mut reference = make(KvConfig::F16)?;
-    let mut tracks = configs.iter().map(|&c| make(c)).collect::<Result<Vec<_>, _>>()?;
+    let mut tracks =
+        configs.iter().filter(|&&c| c != KvConfig::F16).map(|&c| make(c)).collect::<Result<Vec<_>, _>>()?;
 
     let n_vocab = model.model.n_vocab();
-    let mut batch = Batch::new(opts.step);
+    let mut batch = Batch::new(opts.step)?;
     let mut ref_logprobs = vec![0f32; opts.step * n_vocab];
     let mut scratch = vec![0f32; n_vocab];
     progress.set_label(format!("eval ({} configurations + f16 reference)", configs.len()));
@@ -130,10 +136,11 @@ pub fn evaluate(
 
         let t = Instant::now();
         reference.ctx.decode(&batch)?;
+        reference.ctx.synchronize();
         reference.seconds += t.elapsed().as_secs_f64();
         for r in 0..scored {
             let lp = &mut ref_logprobs[r * n_vocab..(r + 1) * n_vocab];
-            log_softmax(reference.ctx.logits(r, &batch)?, lp);
+            log_softmax(reference.ctx.logits(r)?, lp);
             let next = tokens[start + r + 1] as usize;
             reference.nll -= lp[next] as f64;
             reference.klds.push(0.0);
@@ -143,10 +150,11 @@ pub fn evaluate(
         for track in &mut tracks {
             let t = Instant::now();
             track.ctx.decode(&batch)?;
+            track.ctx.synchronize();
             track.seconds += t.elapsed().as_secs_f64();
             for r in 0..scored {
                 let lp_ref = &ref_logprobs[r * n_vocab..(r + 1) * n_vocab];
-                log_softmax(track.ctx.logits(r, &batch)?, &mut scratch);
+                log_softmax(track.ctx.logits(r)?, &mut scratch);
                 track.klds.push(kl_divergence(lp_ref, &scratch));
                 track.top1_hits += (argmax(lp_ref) == argmax(&scratch)) as usize;
                 track.nll -= scratch[tokens[start + r + 1] as usize] as f64;
@@ -159,7 +167,16 @@ pub fn evaluate(
         tokens: n,
         step: opts.step,
         reference: reference.row(),
-        rows: tracks.iter().map(Track::row).collect(),
+        rows: configs
+            .iter()
+            .map(|&c| {
+                if c == KvConfig::F16 {
+                    reference.row()
+                } else {
+                    tracks.iter().find(|t| t.config == c).unwrap().row()
+                }
+            })
+            .collect(),
     })
 }
 
@@ -175,7 +192,13 @@ pub fn log_softmax(logits: &[f32], out: &mut [f32]) {
 
 /// KL(P || Q) from log-probabilities, over the whole vocabulary.
 pub fn kl_divergence(lp: &[f32], lq: &[f32]) -> f64 {
-    let kl: f64 = lp.iter().zip(lq).map(|(&a, &b)| (a as f64).exp() * (a as f64 - b as f64)).sum();
+    // Terms with p = 0 contribute nothing (and would be 0 * NaN where q = 0 too).
+    let kl: f64 = lp
+        .iter()
+        .zip(lq)
+        .filter(|(&a, _)| a > f32::NEG_INFINITY)
+        .map(|(&a, &b)| (a as f64).exp() * (a as f64 - b as f64))
+        .sum();
     kl.max(0.0)
 }
 

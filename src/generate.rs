@@ -61,7 +61,7 @@ pub fn generate(
     let model = ctx.model();
     let mut sampler = Sampler::new(&params.sampler);
     let n_batch = ctx.n_batch() as usize;
-    let mut batch = Batch::new(n_batch);
+    let mut batch = Batch::new(n_batch)?;
 
     let t0 = Instant::now();
     for (chunk_index, chunk) in prompt.chunks(n_batch).enumerate() {
@@ -82,7 +82,7 @@ pub fn generate(
     let mut stopped_at_eog = false;
     let mut hit_context_limit = false;
     while out.len() < params.n_predict {
-        let token = sampler.sample(ctx, &batch, batch.len() - 1)?;
+        let token = sampler.sample(ctx, batch.len() - 1)?;
         if model.is_eog(token) {
             stopped_at_eog = true;
             break;

@@ -10,6 +10,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 
+use crate::gguf::KvCacheType;
 use crate::sys::ffi;
 
 /// A token id of the model's vocabulary.
@@ -86,6 +87,9 @@ fn take_recent_log() -> String {
 /// llama.cpp's description of the build (CPU features, backends, the logquant patch).
 pub fn system_info() -> String {
     init(VERBOSE.load(Ordering::Relaxed));
+    // llama_print_system_info rebuilds one static string on every call.
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     unsafe { CStr::from_ptr(ffi::llama_print_system_info()) }.to_string_lossy().into_owned()
 }
 
@@ -284,9 +288,6 @@ impl Drop for Model {
 // Context
 // ---------------------------------------------------------------------------------
 
-/// A KV cache element type, as ggml numbers it (`ggml_type`).
-pub type GgmlTypeId = u32;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashAttn {
     Auto,
@@ -302,8 +303,8 @@ pub struct ContextParams {
     pub n_seq_max: u32,
     pub n_threads: i32,
     pub n_threads_batch: i32,
-    pub type_k: GgmlTypeId,
-    pub type_v: GgmlTypeId,
+    pub type_k: KvCacheType,
+    pub type_v: KvCacheType,
     pub flash_attn: FlashAttn,
     /// Full-size cache for sliding-window layers. llama.cpp's tools use false; so do we.
     pub swa_full: bool,
@@ -322,8 +323,8 @@ impl ContextParams {
             n_seq_max: 1,
             n_threads,
             n_threads_batch: n_threads,
-            type_k: ffi::ggml_type_GGML_TYPE_F16,
-            type_v: ffi::ggml_type_GGML_TYPE_F16,
+            type_k: KvCacheType::F16,
+            type_v: KvCacheType::F16,
             flash_attn: FlashAttn::Auto,
             swa_full: false,
             kv_unified: false,
@@ -356,6 +357,9 @@ pub struct Context<'m> {
     n_ctx: u32,
     n_batch: u32,
     n_seq_max: u32,
+    /// Which positions of the last decoded batch produced logits (llama.cpp asserts
+    /// when asked for logits it does not have).
+    last_outputs: Vec<bool>,
 }
 
 impl<'m> Context<'m> {
@@ -372,8 +376,8 @@ impl<'m> Context<'m> {
         cp.n_seq_max = params.n_seq_max;
         cp.n_threads = params.n_threads;
         cp.n_threads_batch = params.n_threads_batch;
-        cp.type_k = params.type_k;
-        cp.type_v = params.type_v;
+        cp.type_k = params.type_k.ggml_type().id();
+        cp.type_v = params.type_v.ggml_type().id();
         cp.flash_attn_type = match params.flash_attn {
             FlashAttn::Auto => ffi::llama_flash_attn_type_LLAMA_FLASH_ATTN_TYPE_AUTO,
             FlashAttn::On => ffi::llama_flash_attn_type_LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -387,7 +391,7 @@ impl<'m> Context<'m> {
         let ptr = unsafe { ffi::llama_init_from_model(model.ptr.as_ptr(), cp) };
         let ptr = NonNull::new(ptr).ok_or_else(|| LlamaError::ContextCreate { reason: take_recent_log() })?;
         let (n_ctx, n_batch) = unsafe { (ffi::llama_n_ctx(ptr.as_ptr()), ffi::llama_n_batch(ptr.as_ptr())) };
-        Ok(Context { ptr, model, n_ctx, n_batch, n_seq_max: params.n_seq_max })
+        Ok(Context { ptr, model, n_ctx, n_batch, n_seq_max: params.n_seq_max, last_outputs: Vec::new() })
     }
 
     pub fn model(&self) -> &'m Model {
@@ -430,9 +434,13 @@ impl<'m> Context<'m> {
             self.model.check_token(batch.token_of(i)).map_err(|e| LlamaError::Decode(e.to_string()))?;
         }
         take_recent_log();
+        self.last_outputs.clear();
         let rc = unsafe { ffi::llama_decode(self.ptr.as_ptr(), batch.raw) };
         match rc {
-            0 => Ok(()),
+            0 => {
+                self.last_outputs = (0..batch.len()).map(|i| batch.wants_logits(i)).collect();
+                Ok(())
+            }
             1 => Err(LlamaError::Decode(
                 "the KV cache is full: no slot for the batch (raise -c or shorten the input)".into(),
             )),
@@ -443,15 +451,35 @@ impl<'m> Context<'m> {
     }
 
     /// Logits of the i-th token of the last decoded batch (which must have asked for them).
-    pub fn logits(&self, i: usize, batch: &Batch) -> Result<&[f32], LlamaError> {
-        if i >= batch.len() || !batch.wants_logits(i) {
-            return Err(LlamaError::InvalidArgument(format!("batch position {i} produced no logits")));
-        }
+    pub fn logits(&self, i: usize) -> Result<&[f32], LlamaError> {
+        self.check_output(i)?;
         let ptr = unsafe { ffi::llama_get_logits_ith(self.ptr.as_ptr(), i as i32) };
         if ptr.is_null() {
             return Err(LlamaError::InvalidArgument(format!("no logits for batch position {i}")));
         }
         Ok(unsafe { std::slice::from_raw_parts(ptr, self.model.n_vocab()) })
+    }
+
+    fn check_output(&self, i: usize) -> Result<(), LlamaError> {
+        if !self.last_outputs.get(i).copied().unwrap_or(false) {
+            return Err(LlamaError::InvalidArgument(format!(
+                "position {i} of the last decoded batch produced no logits"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits until the backend has finished the last decode (GPU backends run
+    /// asynchronously; a timer must stop after this, not after `decode`).
+    pub fn synchronize(&mut self) {
+        unsafe { ffi::llama_synchronize(self.ptr.as_ptr()) }
+    }
+
+    fn check_seq(&self, seq: i32) -> Result<(), LlamaError> {
+        if seq < 0 || seq as u32 >= self.n_seq_max {
+            return Err(LlamaError::InvalidArgument(format!("sequence {seq} outside 0..{}", self.n_seq_max)));
+        }
+        Ok(())
     }
 
     /// Forgets every token of every sequence.
@@ -460,24 +488,24 @@ impl<'m> Context<'m> {
     }
 
     /// Removes positions [p0, p1) of a sequence (p1 < 0: to the end).
-    pub fn remove(&mut self, seq: i32, p0: i32, p1: i32) -> bool {
-        unsafe { ffi::llama_memory_seq_rm(ffi::llama_get_memory(self.ptr.as_ptr()), seq, p0, p1) }
+    pub fn remove(&mut self, seq: i32, p0: i32, p1: i32) -> Result<bool, LlamaError> {
+        self.check_seq(seq)?;
+        Ok(unsafe { ffi::llama_memory_seq_rm(ffi::llama_get_memory(self.ptr.as_ptr()), seq, p0, p1) })
     }
 
     /// Copies every token of sequence `src` to `dst` (whole sequences only: llama.cpp
     /// asserts on partial copies between KV streams). The data moves at the next decode.
     pub fn copy_sequence(&mut self, src: i32, dst: i32) -> Result<(), LlamaError> {
-        let n = self.n_seq_max as i32;
-        if !(0..n).contains(&src) || !(0..n).contains(&dst) {
-            return Err(LlamaError::InvalidArgument(format!("sequences {src} and {dst} must be within 0..{n}")));
-        }
+        self.check_seq(src)?;
+        self.check_seq(dst)?;
         unsafe { ffi::llama_memory_seq_cp(ffi::llama_get_memory(self.ptr.as_ptr()), src, dst, -1, -1) };
         Ok(())
     }
 
     /// The highest position held for `seq`, or -1 when the sequence is empty.
-    pub fn pos_max(&self, seq: i32) -> i32 {
-        unsafe { ffi::llama_memory_seq_pos_max(ffi::llama_get_memory(self.ptr.as_ptr()), seq) }
+    pub fn pos_max(&self, seq: i32) -> Result<i32, LlamaError> {
+        self.check_seq(seq)?;
+        Ok(unsafe { ffi::llama_memory_seq_pos_max(ffi::llama_get_memory(self.ptr.as_ptr()), seq) })
     }
 
     /// Allocation sizes read from llama.cpp's buffers.
@@ -520,13 +548,24 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn new(capacity: usize) -> Batch {
+    pub fn new(capacity: usize) -> Result<Batch, LlamaError> {
         let capacity = capacity.max(1);
-        let raw = unsafe { ffi::llama_batch_init(capacity as i32, 0, 1) };
-        assert!(!raw.token.is_null(), "llama_batch_init failed to allocate {capacity} tokens");
+        let n = i32::try_from(capacity)
+            .map_err(|_| LlamaError::InvalidArgument(format!("a batch of {capacity} tokens is too large")))?;
+        let raw = unsafe { ffi::llama_batch_init(n, 0, 1) };
         let mut b = Batch { raw, capacity };
+        // llama_batch_init leaves NULL arrays when malloc fails; Drop frees what exists.
+        let allocated = !raw.token.is_null()
+            && !raw.pos.is_null()
+            && !raw.n_seq_id.is_null()
+            && !raw.seq_id.is_null()
+            && !raw.logits.is_null()
+            && (0..capacity).all(|i| unsafe { !(*raw.seq_id.add(i)).is_null() });
+        if !allocated {
+            return Err(LlamaError::InvalidArgument(format!("cannot allocate a batch of {capacity} tokens")));
+        }
         b.clear();
-        b
+        Ok(b)
     }
 
     pub fn clear(&mut self) {
@@ -620,10 +659,8 @@ impl Sampler {
     }
 
     /// Samples from the logits of batch position `i` of the last decode, and accepts it.
-    pub fn sample(&mut self, ctx: &mut Context, batch: &Batch, i: usize) -> Result<Token, LlamaError> {
-        if i >= batch.len() || !batch.wants_logits(i) {
-            return Err(LlamaError::InvalidArgument(format!("batch position {i} produced no logits")));
-        }
+    pub fn sample(&mut self, ctx: &mut Context, i: usize) -> Result<Token, LlamaError> {
+        ctx.check_output(i)?;
         let t = unsafe { ffi::llama_sampler_sample(self.ptr.as_ptr(), ctx.ptr.as_ptr(), i as i32) };
         Ok(t)
     }
@@ -657,9 +694,16 @@ pub mod lq2_kernels {
     /// `reference`: ggml's from_float_ref; else the CPU backend's from_float (set_rows).
     pub fn quantize(x: &[f32], reference: bool) -> Result<Vec<u8>, LlamaError> {
         check(x.len())?;
-        let mut out = vec![0u8; x.len() / 64 * block_bytes()];
+        let mut out = vec![0u16; x.len() / 64 * block_bytes() / 2];
         let ok = unsafe { ffi::logquant_lq2_quantize(x.as_ptr(), out.as_mut_ptr().cast(), x.len() as i64, reference) };
-        ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_quantize refused".into()))
+        let bytes = out.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        ok.then_some(bytes).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_quantize refused".into()))
+    }
+
+    /// The blocks copied into 2-byte-aligned storage: block_lq2 holds u16 fields, and
+    /// a `&[u8]` may start anywhere.
+    fn aligned(blocks: &[u8]) -> Vec<u16> {
+        blocks.chunks(2).map(|c| u16::from_ne_bytes([c[0], *c.get(1).unwrap_or(&0)])).collect()
     }
 
     pub fn dequantize(blocks: &[u8]) -> Result<Vec<f32>, LlamaError> {
@@ -669,6 +713,7 @@ pub mod lq2_kernels {
         }
         let n = blocks.len() / bb * 64;
         let mut out = vec![0f32; n];
+        let blocks = aligned(blocks);
         let ok = unsafe { ffi::logquant_lq2_dequantize(blocks.as_ptr().cast(), out.as_mut_ptr(), n as i64) };
         ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_dequantize refused".into()))
     }
@@ -680,6 +725,7 @@ pub mod lq2_kernels {
             return Err(LlamaError::InvalidArgument("blocks and y differ in length".into()));
         }
         let mut out = 0f32;
+        let blocks = aligned(blocks);
         let ok = unsafe { ffi::logquant_lq2_dot(blocks.as_ptr().cast(), y.as_ptr(), y.len() as i64, &mut out) };
         ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_dot refused".into()))
     }

@@ -204,7 +204,7 @@ struct ContextArgs {
     /// Physical batch size: the most tokens computed at once.
     #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
     ubatch_size: u32,
-    /// KV cache type for K (one of f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1).
+    /// KV cache type for K (one of f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1, lq2).
     #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = parse_cache_type)]
     cache_type_k: KvCacheType,
     /// KV cache type for V (quantized V needs flash attention).
@@ -442,7 +442,10 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         if rotation { "on" } else { "off (LLAMA_ATTN_ROT_DISABLE)" }
     );
     let mut t = Table::new(&["cache", "bits/value", "mean KLD", "p99 KLD", "top-1 %", "PPL", "seconds"]);
-    for r in std::iter::once(&report.reference).chain(&report.rows) {
+    // The reference is a row of its own unless f16 was listed (then it is that row).
+    let listed_f16 = report.rows.iter().any(|r| r.config == "f16");
+    let reference = (!listed_f16).then_some(&report.reference);
+    for r in reference.into_iter().chain(&report.rows) {
         t.row(vec![
             r.config.clone(),
             format!("{:.2}", r.bits_per_value),

@@ -17,7 +17,7 @@ pub struct Fit {
     pub value: u64,
     /// True when the search stopped at its upper limit rather than at the budget.
     pub limited_by_search: bool,
-    /// Bytes at that value: weights + KV + compute.
+    /// Bytes at that value: weights + KV + compute buffers + the logits buffer.
     pub bytes: u64,
     pub memory: MemoryBreakdown,
     /// The KV bytes our own GGUF reader predicts for the same context (a cross-check
@@ -46,6 +46,13 @@ fn total(m: &MemoryBreakdown) -> u64 {
     (m.model_host + m.model_device + m.context_host + m.context_device + m.compute_host + m.compute_device) as u64
 }
 
+/// llama.cpp's logits buffer, which its memory breakdown leaves out: n_vocab floats
+/// per output, and decoding a batch outputs one token per sequence (more with a
+/// larger prompt batch: llama.cpp grows the buffer then).
+fn logits_bytes(model: &LoadedModel, n_seq: u64) -> u64 {
+    model.info.n_vocab * 4 * n_seq.max(1)
+}
+
 /// Memory llama.cpp would allocate for `n_seq` sequences of `ctx` tokens.
 fn probe(
     model: &LoadedModel,
@@ -60,7 +67,9 @@ fn probe(
     cfg.n_ctx = u32::try_from(ctx * n_seq)
         .map_err(|_| EngineError::Input(format!("{n_seq} sequences of {ctx} tokens exceed llama.cpp's 2^32 cells")))?;
     let ctx = model.new_context(&cfg)?;
-    Ok(ctx.memory())
+    let mut m = ctx.memory();
+    m.compute_host += logits_bytes(model, n_seq) as usize;
+    Ok(m)
 }
 
 /// Largest x in [1, hi] with fits(x), assuming fits is monotone; None if !fits(1).
@@ -86,6 +95,9 @@ fn search(
 
 pub fn plan(model: &LoadedModel, configs: &[KvConfig], opts: &PlanOptions) -> Result<Vec<PlanRow>, EngineError> {
     let trained = model.info.n_ctx_train as u64;
+    if opts.ctx == 0 {
+        return Err(EngineError::Input("--ctx must be at least 1".into()));
+    }
     if opts.ctx > trained && trained > 0 {
         return Err(EngineError::Input(format!(
             "--ctx {} is larger than the model's training context {trained}",
@@ -113,9 +125,11 @@ pub fn plan(model: &LoadedModel, configs: &[KvConfig], opts: &PlanOptions) -> Re
         if let Some(f) = max_batch.as_mut() {
             f.kv_bytes_reader = reader(opts.ctx, f.value)?;
         }
-        // Contexts in steps of 256 cells, llama.cpp's padding.
-        let mut max_ctx = search(trained.max(256) / 256, |c| Ok(within(probe(model, opts, kv, c * 256, 1)?)))?
-            .map(|f| Fit { value: f.value * 256, ..f });
+        // Contexts in steps of 256 cells, llama.cpp's padding (1 for models trained
+        // on fewer than 256 tokens).
+        let unit = if trained >= 256 { 256 } else { 1 };
+        let mut max_ctx = search(trained.max(1) / unit, |c| Ok(within(probe(model, opts, kv, c * unit, 1)?)))?
+            .map(|f| Fit { value: f.value * unit, ..f });
         if let Some(f) = max_ctx.as_mut() {
             f.kv_bytes_reader = reader(f.value, 1)?;
         }

@@ -18,12 +18,13 @@ pub fn error_chain(e: &anyhow::Error) -> String {
 pub fn inspect_json(file: &GgufFile, info: &ModelInfo, n_ctx: u64) -> Result<serde_json::Value, GgufError> {
     let n_ctx = u32::try_from(n_ctx).unwrap_or(u32::MAX);
     let mut kv = Vec::new();
+    // A type whose blocks do not divide this model's rows cannot hold its cache: null.
     for t in KvCacheType::ALL {
         kv.push(serde_json::json!({
             "cache_type": t.name(),
             "bits_per_value": t.bits_per_value(),
-            "bytes_per_token_all_layers": info.kv_bytes_per_token(t, t)?,
-            "bytes_at_ctx": info.kv_bytes(n_ctx, t, t, false, 1, 512)?,
+            "bytes_per_token_all_layers": info.kv_bytes_per_token(t, t).ok(),
+            "bytes_at_ctx": info.kv_bytes(n_ctx, t, t, false, 1, 512).ok(),
         }));
     }
     let types: Vec<_> = info
@@ -122,14 +123,14 @@ pub fn inspect_text(file: &GgufFile, info: &ModelInfo, n_ctx: u64) -> Result<Str
         "bytes/token at ctx",
     ]);
     for ty in KvCacheType::ALL {
-        let total = info.kv_bytes(n_ctx32, ty, ty, false, 1, 512)?;
-        t.row(vec![
-            ty.name().into(),
-            format!("{:.2}", ty.bits_per_value()),
-            info.kv_bytes_per_token(ty, ty)?.to_string(),
-            mib(total),
-            format!("{:.0}", total as f64 / n_ctx.max(1) as f64),
-        ]);
+        let row = match (info.kv_bytes(n_ctx32, ty, ty, false, 1, 512), info.kv_bytes_per_token(ty, ty)) {
+            (Ok(total), Ok(per_token)) => {
+                vec![per_token.to_string(), mib(total), format!("{:.0}", total as f64 / n_ctx.max(1) as f64)]
+            }
+            // Its blocks do not divide this model's K/V rows.
+            _ => vec!["n/a".into(), "n/a".into(), "n/a".into()],
+        };
+        t.row([vec![ty.name().into(), format!("{:.2}", ty.bits_per_value())], row].concat());
     }
     o += &t.render();
     Ok(o)

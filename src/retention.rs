@@ -37,6 +37,8 @@ pub const STREAMING_SINKS: u32 = 4;
 
 impl Policy {
     /// The policy of this kind with `d` full-precision tokens (SPEC.md's table).
+    /// LogQuant's window is `d / 3` rounded down, so it keeps up to `3 * (d / 3)`:
+    /// at D = 128 that is 126, two fewer than kivi and streaming.
     pub fn logquant(d: u32) -> Policy {
         Policy::LogQuant { window: d / 3 }
     }
@@ -103,6 +105,8 @@ impl Retention {
         let p = self.len;
         self.len += 1;
         match self.policy {
+            // W = 0 keeps nothing: the same as q2.
+            Policy::LogQuant { window: 0 } => {}
             Policy::LogQuant { window } => {
                 let w = window as usize;
                 self.recent.push(p);
@@ -130,7 +134,11 @@ impl Retention {
             self.window_update();
             return;
         };
-        if self.len > 0 || window == 0 {
+        if window == 0 {
+            self.len += n;
+            return;
+        }
+        if self.len > 0 {
             for _ in 0..n {
                 self.decode();
             }

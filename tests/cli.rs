@@ -82,6 +82,30 @@ fn prompt_longer_than_the_context() {
 }
 
 #[test]
+fn too_many_threads() {
+    let out = run_on(&common::tiny_model(), &["-t", "100000"]);
+    assert_clean_failure(&out, "--threads must be within 1..=512");
+}
+
+/// lq2 stores blocks of 64 values: on a model with heads of 32 it would straddle two
+/// heads (llama.cpp checks this only with flash attention on).
+#[test]
+fn cache_blocks_must_divide_the_head_size() {
+    use logquant::gguf::{write_synthetic_llama, SynthSpec};
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("head32.gguf");
+    if !path.exists() {
+        let spec = SynthSpec { n_embd: 128, n_head: 4, n_head_kv: 2, n_ff: 256, ..SynthSpec::tiny() };
+        write_synthetic_llama(&path, &spec).unwrap();
+    }
+    for fa in ["on", "off"] {
+        let out = run_on(&path, &["--cache-type-k", "lq2", "--flash-attn", fa]);
+        assert_clean_failure(&out, "do not divide this model's K head size 32");
+    }
+    let out = run_on(&path, &["--cache-type-k", "q8_0"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+}
+
+#[test]
 fn quantized_v_without_flash_attention() {
     let out = run_on(&common::tiny_model(), &["--cache-type-v", "q4_0", "--flash-attn", "off"]);
     assert_clean_failure(&out, "needs flash attention");

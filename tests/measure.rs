@@ -33,16 +33,46 @@ fn eval_of_f16_against_itself_is_exact_and_quantized_caches_diverge_in_order() {
     let report =
         eval::evaluate(&model, &tokens, &kv("f16,q8_0,q4_0,q2"), &eval_opts(200, 16), &mut Progress::hidden()).unwrap();
     let [f16, q8, q4, q2] = &report.rows[..] else { panic!("four rows") };
+    // The f16 reference runs once: a listed f16 is reported from it.
     assert_eq!(f16.positions, 199);
-    assert_eq!(f16.mean_kld, 0.0);
-    assert_eq!(f16.p99_kld, 0.0);
-    assert_eq!(f16.top1_agreement, 100.0);
+    assert_eq!((f16.mean_kld, f16.p99_kld, f16.top1_agreement), (0.0, 0.0, 100.0));
     assert_eq!(f16.perplexity, report.reference.perplexity);
     assert!(q8.mean_kld > 0.0, "q8_0 rounds the cache, so it must move the logits");
     assert!(q4.mean_kld > q8.mean_kld, "q4_0 {} vs q8_0 {}", q4.mean_kld, q8.mean_kld);
     assert!(q4.p99_kld >= q4.mean_kld);
     assert!(q2.mean_kld > q4.mean_kld, "2-bit q2 {} vs q4_0 {}", q2.mean_kld, q4.mean_kld);
     assert_eq!(q2.bits_per_value, 2.5);
+}
+
+/// What makes a single reference run enough: two f16 contexts fed the same steps give
+/// the same logits, bit for bit, so f16 against itself is KLD 0 and 100% top-1.
+#[test]
+fn two_f16_contexts_agree_bit_for_bit() {
+    let model = engine::load_model(&common::tiny_model(), &ModelParams::default()).unwrap();
+    let tokens = some_tokens(48, model.model.n_vocab());
+    let mut cfg = ContextConfig::new(64);
+    cfg.n_batch = 16;
+    cfg.n_ubatch = 16;
+    let mut a = model.new_context(&cfg).unwrap();
+    let mut b = model.new_context(&cfg).unwrap();
+    let mut batch = Batch::new(16).unwrap();
+    for start in (0..48).step_by(16) {
+        batch.clear();
+        for (p, &t) in tokens.iter().enumerate().skip(start).take(16) {
+            batch.add(t, p as i32, 0, true).unwrap();
+        }
+        a.decode(&batch).unwrap();
+        b.decode(&batch).unwrap();
+        for r in 0..16 {
+            let (la, lb) = (a.logits(r).unwrap(), b.logits(r).unwrap());
+            assert!(la.iter().zip(lb).all(|(x, y)| x.to_bits() == y.to_bits()), "position {}", start + r);
+            let (mut pa, mut pb) = (vec![0f32; la.len()], vec![0f32; lb.len()]);
+            eval::log_softmax(la, &mut pa);
+            eval::log_softmax(lb, &mut pb);
+            assert_eq!(eval::kl_divergence(&pa, &pb), 0.0);
+            assert_eq!(eval::argmax(&pa), eval::argmax(&pb));
+        }
+    }
 }
 
 #[test]
@@ -69,7 +99,7 @@ fn eval_perplexity_matches_one_computed_from_the_logits() {
     cfg.n_batch = 8;
     cfg.n_ubatch = 8;
     let mut ctx = model.new_context(&cfg).unwrap();
-    let mut batch = Batch::new(8);
+    let mut batch = Batch::new(8).unwrap();
     let mut nll = 0.0f64;
     for start in (0..n).step_by(8) {
         batch.clear();
@@ -82,7 +112,7 @@ fn eval_perplexity_matches_one_computed_from_the_logits() {
             if p + 1 >= n {
                 break;
             }
-            let logits = ctx.logits(r, &batch).unwrap();
+            let logits = ctx.logits(r).unwrap();
             let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
             let z: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
             nll -= logits[tokens[p + 1] as usize] as f64 - max - z.ln();
@@ -170,11 +200,20 @@ fn measuring_commands_reject_bad_input() {
     assert!(common::stderr(&out).contains("'q9_9' is not a cache type"));
 
     let out = logquant(&["bench", "-m", m, "--depth", "5000"]);
-    assert_clean_failure(&out, "larger than the 2048");
+    assert_clean_failure(&out, "within the model's 2048-token context");
 
     let out = logquant(&["plan", "-m", m, "--memory", "1MiB", "--ctx", "1024"]);
     assert_clean_failure(&out, "does not even hold the weights");
 
     let out = logquant(&["plan", "-m", m, "--memory", "lots"]);
     assert_eq!(out.status.code(), Some(2));
+
+    let out = logquant(&["plan", "-m", m, "--memory", "4GiB", "--ctx", "0"]);
+    assert_clean_failure(&out, "--ctx must be at least 1");
+
+    let out = logquant(&["eval", "-m", m, "-f", long.to_str().unwrap(), "--tokens", "600", "--step", "600"]);
+    assert_clean_failure(&out, "--step must be within 1..=512");
+
+    let out = logquant(&["bench", "-m", m, "--depth", "0"]);
+    assert_clean_failure(&out, "must be positive");
 }
