@@ -85,6 +85,28 @@ pub fn default_threads() -> i32 {
 }
 
 impl LoadedModel {
+    /// A quantized cache type needs whole blocks per head: llama.cpp checks that only
+    /// with flash attention on, and without it a block straddling two heads silently
+    /// mixes them.
+    fn check_block_sizes(&self, kv: KvConfig) -> Result<(), EngineError> {
+        let i = &self.info;
+        let heads = [
+            ("K", kv.k, i.head_dim_k),
+            ("V", kv.v, i.head_dim_v),
+            ("K", kv.k, i.head_dim_k_swa),
+            ("V", kv.v, i.head_dim_v_swa),
+        ];
+        for (what, t, head) in heads {
+            let block = t.ggml_type().block_size();
+            if head > 0 && u64::from(head) % block != 0 {
+                return Err(EngineError::Input(format!(
+                    "cache type {t} stores blocks of {block} values, which do not divide this model's {what} head size {head}; use a type with smaller blocks (e.g. f16 or q8_0)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the configuration against the model and the machine, then creates the context.
     pub fn new_context(&self, cfg: &ContextConfig) -> Result<Context<'_>, EngineError> {
         let trained = self.info.n_ctx_train;
@@ -129,30 +151,6 @@ pub const MIB: f64 = 1024.0 * 1024.0;
 
 /// ggml's GGML_MAX_N_THREADS: ggml aborts when it cannot start more.
 pub const MAX_THREADS: i32 = 512;
-
-impl LoadedModel {
-    /// A quantized cache type needs whole blocks per head: llama.cpp checks that only
-    /// with flash attention on, and without it a block straddling two heads silently
-    /// mixes them.
-    fn check_block_sizes(&self, kv: KvConfig) -> Result<(), EngineError> {
-        let i = &self.info;
-        let heads = [
-            ("K", kv.k, i.head_dim_k),
-            ("V", kv.v, i.head_dim_v),
-            ("K", kv.k, i.head_dim_k_swa),
-            ("V", kv.v, i.head_dim_v_swa),
-        ];
-        for (what, t, head) in heads {
-            let block = t.ggml_type().block_size();
-            if head > 0 && u64::from(head) % block != 0 {
-                return Err(EngineError::Input(format!(
-                    "cache type {t} stores blocks of {block} values, which do not divide this model's {what} head size {head}; use a type with smaller blocks (e.g. f16 or q8_0)"
-                )));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// Memory the system can still give (MemAvailable on Linux); None where unknown.
 pub fn available_memory() -> Option<u64> {

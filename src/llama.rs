@@ -346,6 +346,11 @@ pub struct MemoryBreakdown {
 }
 
 impl MemoryBreakdown {
+    /// Weights + KV cache + compute buffers, host and device.
+    pub fn total(&self) -> usize {
+        self.model_host + self.model_device + self.kv_bytes() + self.compute_host + self.compute_device
+    }
+
     pub fn kv_bytes(&self) -> usize {
         self.context_host + self.context_device
     }
@@ -500,12 +505,6 @@ impl<'m> Context<'m> {
         self.check_seq(dst)?;
         unsafe { ffi::llama_memory_seq_cp(ffi::llama_get_memory(self.ptr.as_ptr()), src, dst, -1, -1) };
         Ok(())
-    }
-
-    /// The highest position held for `seq`, or -1 when the sequence is empty.
-    pub fn pos_max(&self, seq: i32) -> Result<i32, LlamaError> {
-        self.check_seq(seq)?;
-        Ok(unsafe { ffi::llama_memory_seq_pos_max(ffi::llama_get_memory(self.ptr.as_ptr()), seq) })
     }
 
     /// Allocation sizes read from llama.cpp's buffers.

@@ -43,7 +43,7 @@ pub struct PlanOptions {
 }
 
 fn total(m: &MemoryBreakdown) -> u64 {
-    (m.model_host + m.model_device + m.context_host + m.context_device + m.compute_host + m.compute_device) as u64
+    m.total() as u64
 }
 
 /// llama.cpp's logits buffer, which its memory breakdown leaves out: n_vocab floats
