@@ -232,7 +232,8 @@ fn source_units(tree: &Path, backend: Backend, target_arch: &str) -> Vec<Unit> {
         "ggml/src/ggml-cpu/vec.cpp",
         "ggml/src/ggml-cpu/ops.cpp",
         "ggml/src/ggml-cpu/llamafile/sgemm.cpp",
-        "ggml/src/ggml-cpu/lq2-cpu.c", // logquant (patches/files)
+        "ggml/src/ggml-cpu/lq2-cpu.c",         // logquant (patches/files)
+        "ggml/src/ggml-cpu/logquant-attn.cpp", // logquant (patches/files)
     ]
     .iter()
     .map(|s| s.to_string())

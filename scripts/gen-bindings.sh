@@ -14,7 +14,7 @@ trap 'rm -rf "$(dirname "$tree")"' EXIT
   bindgen "$root/src/sys/wrapper.h" \
     --allowlist-function '(llama|logquant|ggml_backend_dev|ggml_backend_load|ggml_backend_reg|ggml_time)_.*' \
     --allowlist-type '(llama|logquant)_.*' \
-    --allowlist-var '(LLAMA|GGML)_.*' \
+    --allowlist-var '(LLAMA|GGML|LOGQUANT)_.*' \
     --no-layout-tests --no-doc-comments --use-core --merge-extern-blocks \
     -- -I"$tree/include" -I"$tree/ggml/include"
 } > "$root/src/sys/bindings.rs.tmp"

@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use crate::engine::{ContextConfig, EngineError, LoadedModel};
 use crate::kvconfig::KvConfig;
-use crate::llama::{Batch, Context, Token};
+use crate::llama::{Batch, Token};
 use crate::progress::Progress;
+use crate::session::Session;
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -105,7 +106,7 @@ fn filler_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<Token> {
 }
 
 /// Feeds `tokens` to sequence `seq` from position `start`, `n_batch` at a time.
-fn fill(ctx: &mut Context, batch: &mut Batch, tokens: &[Token], seq: i32, start: usize) -> Result<(), EngineError> {
+fn fill(ctx: &mut Session, batch: &mut Batch, tokens: &[Token], seq: i32, start: usize) -> Result<(), EngineError> {
     let n_batch = batch.capacity();
     for (c, chunk) in tokens.chunks(n_batch).enumerate() {
         batch.clear();

@@ -4,9 +4,16 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::gguf::{GgufError, GgufFile, KvCacheType, ModelInfo};
+use crate::gguf::{GgufError, GgufFile, KvCacheParams, KvCacheType, ModelInfo};
 use crate::kvconfig::KvConfig;
 use crate::llama::{self, Context, ContextParams, FlashAttn, LlamaError, Model, ModelParams};
+use crate::session::Session;
+
+/// The largest micro-batch of a two-tier context. Every token written needs an overlay
+/// slot until the policy runs after the decode, so the overlay holds the budget plus
+/// one micro-batch: 64 keeps that under 0.5 bits per value at 16384 tokens with the
+/// default budget, at little cost to prompt speed on a CPU.
+pub const TWO_TIER_MAX_UBATCH: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -22,6 +29,8 @@ pub enum EngineError {
     ContextTooLong { requested: u32, trained: u32 },
     #[error("a quantized V cache ({v}) needs flash attention; drop --flash-attn off, or use --cache-type-v f16")]
     QuantizedVNeedsFlashAttn { v: KvCacheType },
+    #[error("the two-tier cache ({kv}) needs flash attention; drop --flash-attn off")]
+    TwoTierNeedsFlashAttn { kv: KvConfig },
     #[error(
         "the KV cache needs {need_mib:.0} MiB but only {avail_mib:.0} MiB of memory is available; lower -c, the batch, or use a smaller cache type (e.g. q4_0)"
     )]
@@ -65,6 +74,11 @@ pub struct ContextConfig {
 }
 
 impl ContextConfig {
+    /// The micro-batch llama.cpp will use for this configuration.
+    pub fn n_ubatch_for(cfg: &ContextConfig) -> u32 {
+        LoadedModel::two_tier_sizes(cfg).map(|(u, _)| u).unwrap_or(cfg.n_ubatch.min(cfg.n_batch))
+    }
+
     pub fn new(n_ctx: u32) -> ContextConfig {
         ContextConfig {
             n_ctx,
@@ -107,14 +121,48 @@ impl LoadedModel {
         Ok(())
     }
 
-    /// Checks the configuration against the model and the machine, then creates the context.
-    pub fn new_context(&self, cfg: &ContextConfig) -> Result<Context<'_>, EngineError> {
+    /// The micro-batch and overlay slots per stream a two-tier context gets (None for a
+    /// single-tier cache): one decode call per micro-batch (n_batch = n_ubatch).
+    pub fn two_tier_sizes(cfg: &ContextConfig) -> Option<(u32, u32)> {
+        let policy = cfg.kv.policy?;
+        let ubatch = cfg.n_ubatch.min(cfg.n_batch).clamp(1, TWO_TIER_MAX_UBATCH);
+        // D = 0 is q2 through the two-tier kernels: no slot, not even for new tokens.
+        let budget = policy.dense_budget();
+        Some((ubatch, if budget == 0 { 0 } else { budget + ubatch }))
+    }
+
+    /// Bytes of the KV cache this configuration allocates: the store, plus the overlay
+    /// of a two-tier cache.
+    pub fn kv_bytes(&self, cfg: &ContextConfig, n_ctx: u32) -> Result<u64, GgufError> {
+        let n_ubatch = ContextConfig::n_ubatch_for(cfg);
+        let store = self.info.kv_bytes(n_ctx, cfg.kv.k, cfg.kv.v, false, cfg.n_seq, n_ubatch)?;
+        let Some((_, slots)) = LoadedModel::two_tier_sizes(cfg) else {
+            return Ok(store);
+        };
+        let params = KvCacheParams {
+            n_ctx,
+            n_seq_max: cfg.n_seq,
+            n_batch: n_ubatch.max(2048),
+            n_ubatch,
+            kv_unified: false,
+            swa_full: false,
+            flash_attn: true,
+        };
+        Ok(store + self.info.overlay_bytes(&params, slots)?)
+    }
+
+    /// Checks the configuration against the model and the machine, then creates the
+    /// context (with its overlay and policies for a two-tier configuration).
+    pub fn new_context(&self, cfg: &ContextConfig) -> Result<Session<'_>, EngineError> {
         let trained = self.info.n_ctx_train;
         let n_ctx = if cfg.n_ctx == 0 { trained } else { cfg.n_ctx };
         // Each sequence has its own stream of n_ctx / n_seq cells (kv_unified = false).
         let per_seq = n_ctx / cfg.n_seq.max(1);
         if trained > 0 && per_seq > trained {
             return Err(EngineError::ContextTooLong { requested: per_seq, trained });
+        }
+        if cfg.kv.policy.is_some() && cfg.flash_attn == FlashAttn::Off {
+            return Err(EngineError::TwoTierNeedsFlashAttn { kv: cfg.kv });
         }
         if cfg.kv.v.ggml_type().is_quantized() && cfg.flash_attn == FlashAttn::Off {
             return Err(EngineError::QuantizedVNeedsFlashAttn { v: cfg.kv.v });
@@ -128,8 +176,7 @@ impl LoadedModel {
                 "--batch-size, --ubatch-size and the sequence count must be positive".into(),
             ));
         }
-        let need =
-            self.info.kv_bytes(n_ctx, cfg.kv.k, cfg.kv.v, false, cfg.n_seq, cfg.n_ubatch).map_err(EngineError::Gguf)?;
+        let need = self.kv_bytes(cfg, n_ctx).map_err(EngineError::Gguf)?;
         // A no_alloc model only sizes buffers (see `crate::plan`): nothing to fit in memory.
         if let Some(avail) = available_memory().filter(|_| !self.params.no_alloc) {
             if need > avail {
@@ -143,7 +190,15 @@ impl LoadedModel {
         p.type_k = cfg.kv.k;
         p.type_v = cfg.kv.v;
         p.flash_attn = cfg.flash_attn;
-        Ok(Context::new(&self.model, &p)?)
+        let Some((ubatch, slots)) = LoadedModel::two_tier_sizes(cfg) else {
+            return Ok(Session::plain(Context::new(&self.model, &p)?));
+        };
+        p.n_batch = ubatch.min(n_ctx);
+        p.n_ubatch = p.n_batch;
+        p.flash_attn = FlashAttn::On;
+        let mut ctx = Context::new(&self.model, &p)?;
+        ctx.enable_overlay(slots)?;
+        Ok(Session::two_tier(ctx, cfg.kv.policy.expect("two-tier sizes imply a policy")))
     }
 }
 

@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use crate::engine::{ContextConfig, EngineError, LoadedModel};
 use crate::kvconfig::KvConfig;
-use crate::llama::{Batch, Context, Token};
+use crate::llama::{Batch, Token};
 use crate::progress::Progress;
+use crate::session::Session;
 
 /// The largest step: every position's logits are kept for a step (n_vocab floats each,
 /// per configuration), and llama.cpp's micro-batch is the step.
@@ -54,7 +55,7 @@ pub struct EvalReport {
 /// Per-configuration accumulators.
 struct Track<'m> {
     config: KvConfig,
-    ctx: Context<'m>,
+    ctx: Session<'m>,
     klds: Vec<f64>,
     top1_hits: usize,
     nll: f64,

@@ -3,7 +3,8 @@
 use std::time::Instant;
 
 use crate::engine::EngineError;
-use crate::llama::{Batch, Context, Sampler, SamplerParams, Token};
+use crate::llama::{Batch, Sampler, SamplerParams, Token};
+use crate::session::Session;
 
 #[derive(Clone, Debug)]
 pub struct GenerateParams {
@@ -43,7 +44,7 @@ fn rate(n: usize, secs: f64) -> f64 {
 /// Generates after `prompt` (already tokenized), calling `on_text` with each piece
 /// of text as soon as it forms whole UTF-8 characters. Returns the generated tokens.
 pub fn generate(
-    ctx: &mut Context,
+    ctx: &mut Session,
     prompt: &[Token],
     params: &GenerateParams,
     mut on_text: impl FnMut(&str),

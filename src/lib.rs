@@ -5,7 +5,9 @@
 //! - [`llama`]: the safe wrapper over llama.cpp (the only `unsafe` code);
 //! - [`engine`]: validation before anything reaches llama.cpp;
 //! - [`generate`], [`eval`], [`bench`], [`plan`]: what the commands do;
-//! - [`kvconfig`]: names of KV cache configurations.
+//! - [`kvconfig`]: names of KV cache configurations;
+//! - [`retention`]: which tokens stay at full precision (LogQuant and its baselines);
+//! - [`session`]: a context plus the retention policy of each sequence.
 
 pub mod bench;
 pub mod engine;
@@ -19,6 +21,7 @@ pub mod plan;
 pub mod progress;
 pub mod report;
 pub mod retention;
+pub mod session;
 
 mod sys {
     pub(crate) mod ffi;

@@ -30,6 +30,8 @@ pub enum LlamaError {
     BatchFull { capacity: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("the two-tier cache: {0}")]
+    Overlay(String),
 }
 
 // ---------------------------------------------------------------------------------
@@ -507,6 +509,60 @@ impl<'m> Context<'m> {
         Ok(())
     }
 
+    /// Adds LogQuant's f16 overlay of `n_slots` tokens per KV stream (logquant.h).
+    /// Only on a fresh context with flash attention on.
+    pub fn enable_overlay(&mut self, n_slots: u32) -> Result<(), LlamaError> {
+        overlay_result(unsafe { ffi::logquant_overlay_enable(self.ptr.as_ptr(), n_slots) }.into()).map(|_| ())
+    }
+
+    /// Keeps only `positions` (ascending) of `seq` at full precision; demotes the rest.
+    pub fn set_full_precision(&mut self, seq: i32, positions: &[i32]) -> Result<(), LlamaError> {
+        self.check_seq(seq)?;
+        if !positions.windows(2).all(|w| w[0] < w[1]) {
+            return Err(LlamaError::InvalidArgument("full-precision positions must be strictly ascending".into()));
+        }
+        let rc = unsafe {
+            ffi::logquant_seq_set_full_precision(self.ptr.as_ptr(), seq, positions.as_ptr(), positions.len())
+        };
+        overlay_result(rc.into()).map(|_| ())
+    }
+
+    /// The positions of `seq` the cache holds at full precision, ascending (read back
+    /// from the C side: what the kernels really use).
+    pub fn full_precision(&mut self, seq: i32) -> Result<Vec<i32>, LlamaError> {
+        self.check_seq(seq)?;
+        let mut out = vec![0i32; 64];
+        loop {
+            let n = overlay_result(unsafe {
+                ffi::logquant_seq_full_precision(self.ptr.as_ptr(), seq, out.as_mut_ptr(), out.len())
+            })? as usize;
+            if n <= out.len() {
+                out.truncate(n);
+                return Ok(out);
+            }
+            out.resize(n, 0);
+        }
+    }
+
+    /// The overlay's capacity, use and misses; None when the context has no overlay.
+    pub fn overlay_stats(&self) -> Option<OverlayStats> {
+        let mut s = ffi::logquant_overlay_stats {
+            enabled: false,
+            slots_per_stream: 0,
+            slots_used: 0,
+            misses: 0,
+            bytes_host: 0,
+            bytes_device: 0,
+        };
+        unsafe { ffi::logquant_overlay_get_stats(self.ptr.as_ptr(), &mut s) };
+        s.enabled.then_some(OverlayStats {
+            slots_per_stream: s.slots_per_stream,
+            slots_used: s.slots_used,
+            misses: s.misses,
+            bytes: s.bytes_host + s.bytes_device,
+        })
+    }
+
     /// Allocation sizes read from llama.cpp's buffers.
     pub fn memory(&self) -> MemoryBreakdown {
         let mut m = ffi::logquant_memory {
@@ -527,6 +583,26 @@ impl<'m> Context<'m> {
             compute_device: m.compute_device,
         }
     }
+}
+
+/// The state of LogQuant's overlay in one context (all caches and streams).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverlayStats {
+    pub slots_per_stream: u32,
+    pub slots_used: u64,
+    /// Tokens written while every slot was taken (they stayed 2-bit only).
+    pub misses: u64,
+    pub bytes: usize,
+}
+
+/// A logquant.h return code: non-negative is a result, negative an error whose text
+/// logquant_last_error() holds.
+fn overlay_result(rc: i64) -> Result<i64, LlamaError> {
+    if rc >= 0 {
+        return Ok(rc);
+    }
+    let msg = unsafe { CStr::from_ptr(ffi::logquant_last_error()) }.to_string_lossy().into_owned();
+    Err(LlamaError::Overlay(msg))
 }
 
 impl Drop for Context<'_> {
@@ -604,9 +680,16 @@ impl Batch {
         unsafe { *self.raw.token.add(i) }
     }
 
-    fn seq_of(&self, i: usize) -> i32 {
+    /// The sequence of token `i` (panics beyond `len()`).
+    pub fn seq_of(&self, i: usize) -> i32 {
         assert!(i < self.len());
         unsafe { *(*self.raw.seq_id.add(i)) }
+    }
+
+    /// The position of token `i` (panics beyond `len()`).
+    pub fn pos_of(&self, i: usize) -> i32 {
+        assert!(i < self.len());
+        unsafe { *self.raw.pos.add(i) }
     }
 
     pub fn wants_logits(&self, i: usize) -> bool {
@@ -727,5 +810,72 @@ pub mod lq2_kernels {
         let blocks = aligned(blocks);
         let ok = unsafe { ffi::logquant_lq2_dot(blocks.as_ptr().cast(), y.as_ptr(), y.len() as i64, &mut out) };
         ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_dot refused".into()))
+    }
+}
+
+/// The CPU two-tier attention kernel, run on caller-provided buffers (logquant.h's
+/// `logquant_attn_run`), for tests against an independent implementation.
+pub mod two_tier_kernel {
+    use super::{ffi, LlamaError};
+
+    /// One attention problem. Layouts: `q` [tokens][heads][dim]; `k_store`/`v_store`
+    /// lq2 rows [cells][kv heads] of `dim` values; overlays [slots][kv heads][dim] as
+    /// f16 bits; `mask` [tokens][cells] of 0 or -inf.
+    pub struct Case<'a> {
+        pub head_dim: usize,
+        pub n_head: usize,
+        pub n_head_kv: usize,
+        pub n_tokens: usize,
+        pub n_kv: usize,
+        pub scale: f32,
+        pub q: &'a [f32],
+        pub k_store: &'a [u8],
+        pub v_store: &'a [u8],
+        pub k_overlay: &'a [u16],
+        pub v_overlay: &'a [u16],
+        pub slot_to_cell: &'a [i32],
+        pub mask: &'a [f32],
+        pub threads: usize,
+    }
+
+    /// The attention output [tokens][heads][dim].
+    pub fn run(c: &Case) -> Result<Vec<f32>, LlamaError> {
+        let bad = |what: &str| Err(LlamaError::InvalidArgument(format!("two-tier attention case: {what}")));
+        let row = c.head_dim / 64 * super::lq2_kernels::block_bytes();
+        let n_slots = c.slot_to_cell.len();
+        if c.q.len() != c.n_tokens * c.n_head * c.head_dim || c.mask.len() != c.n_tokens * c.n_kv {
+            return bad("q or mask has the wrong length");
+        }
+        if c.k_store.len() != c.n_kv * c.n_head_kv * row || c.v_store.len() != c.k_store.len() {
+            return bad("store has the wrong length");
+        }
+        let ov = n_slots * c.n_head_kv * c.head_dim;
+        if c.k_overlay.len() != ov || c.v_overlay.len() != ov {
+            return bad("overlay has the wrong length");
+        }
+        let mut out = vec![0f32; c.q.len()];
+        let i32_of = |n: usize| i32::try_from(n).map_err(|_| LlamaError::InvalidArgument(format!("{n} is too large")));
+        let raw = ffi::logquant_attn_case {
+            head_dim: i32_of(c.head_dim)?,
+            n_head: i32_of(c.n_head)?,
+            n_head_kv: i32_of(c.n_head_kv)?,
+            n_tokens: i32_of(c.n_tokens)?,
+            n_kv: i32_of(c.n_kv)?,
+            n_slots: i32_of(n_slots)?,
+            scale: c.scale,
+            q: c.q.as_ptr(),
+            k_store: c.k_store.as_ptr().cast(),
+            v_store: c.v_store.as_ptr().cast(),
+            k_overlay: c.k_overlay.as_ptr(),
+            v_overlay: c.v_overlay.as_ptr(),
+            slot_to_cell: c.slot_to_cell.as_ptr(),
+            mask: c.mask.as_ptr(),
+            n_threads: i32_of(c.threads.max(1))?,
+            out: out.as_mut_ptr(),
+        };
+        if !unsafe { ffi::logquant_attn_run(&raw) } {
+            return bad("rejected by logquant_attn_run (inconsistent sizes or slot map)");
+        }
+        Ok(out)
     }
 }

@@ -281,9 +281,17 @@ struct RunArgs {
     top_k: i32,
     #[arg(long = "top-p", default_value_t = 0.95)]
     top_p: f32,
+    /// KV cache configuration, overriding -ctk/-ctv: a cache type, K/V types, q2, or the
+    /// two-tier cache logquant[:D=384], kivi[:D=N], streaming[:D=N].
+    #[arg(long = "kv", value_parser = parse_kv_one)]
+    kv: Option<KvConfig>,
     /// Print one JSON object (text and statistics) on stdout instead of streaming.
     #[arg(long = "json")]
     json: bool,
+}
+
+fn parse_kv_one(s: &str) -> Result<KvConfig, String> {
+    KvConfig::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -335,7 +343,10 @@ fn cmd_run(args: RunArgs) -> Result<()> {
         anyhow::bail!("--top-p must be within 0..1, not {}", args.top_p);
     }
     let loaded = engine::load_model(&args.ctx.model, &args.ctx.model_params())?;
-    let cfg = args.ctx.context_config(&loaded);
+    let mut cfg = args.ctx.context_config(&loaded);
+    if let Some(kv) = args.kv {
+        cfg.kv = kv;
+    }
     let mut ctx = loaded.new_context(&cfg)?;
     let tokens = loaded.model.tokenize(&prompt, true)?;
     let params = GenerateParams {

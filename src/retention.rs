@@ -10,8 +10,8 @@
 //! (W = 16 after 20000 steps: 16, 12 and 3 kept in the octaves of distance
 //! [16,32), [32,64), [64,128), then only position 0). See tests/retention.rs.
 //!
-//! Status: the policies are complete and property-tested; the two-tier KV cache that
-//! will consume them (f16 overlay + attention over both tiers) is not built yet.
+//! [`crate::session::Session`] runs them: after every decode it advances each
+//! sequence's [`Retention`] and pushes the set into the cache (include/logquant.h).
 
 use std::fmt;
 
@@ -80,11 +80,34 @@ pub struct Retention {
     /// LogQuant's two lists; for the window policies `recent` holds what they keep.
     recent: Vec<Pos>,
     sparse: Vec<Pos>,
+    /// Positions demoted by the cache that the policy would keep again after a
+    /// rollback ([`Retention::truncate`]): their f16 copy is gone. Ascending.
+    lost: Vec<Pos>,
 }
 
 impl Retention {
     pub fn new(policy: Policy) -> Retention {
-        Retention { policy, len: 0, recent: Vec::new(), sparse: Vec::new() }
+        Retention { policy, len: 0, recent: Vec::new(), sparse: Vec::new(), lost: Vec::new() }
+    }
+
+    /// Rolls the sequence back to its first `len` tokens (the cache removed the rest).
+    /// `cache_kept` (ascending) is what the cache still holds at full precision: a
+    /// position the policy would keep but the cache demoted meanwhile stays 2-bit.
+    pub fn truncate(&mut self, len: Pos, cache_kept: &[Pos]) {
+        if len >= self.len {
+            return;
+        }
+        self.len = len;
+        self.recent.retain(|&p| p < len);
+        self.sparse.retain(|&p| p < len);
+        if !matches!(self.policy, Policy::LogQuant { .. }) {
+            self.window_update();
+        }
+        self.lost.retain(|&p| p < len);
+        let wanted = self.full_precision();
+        self.lost.extend(wanted.into_iter().filter(|p| cache_kept.binary_search(p).is_err()));
+        self.lost.sort_unstable();
+        self.lost.dedup();
     }
 
     pub fn policy(&self) -> Policy {
@@ -180,6 +203,9 @@ impl Retention {
         let mut all: Vec<Pos> = self.sparse.iter().chain(&self.recent).copied().collect();
         all.sort_unstable();
         all.dedup();
+        if !self.lost.is_empty() {
+            all.retain(|p| self.lost.binary_search(p).is_err());
+        }
         all
     }
 

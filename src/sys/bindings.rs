@@ -38,6 +38,10 @@ pub const LLAMA_STATE_SEQ_FLAGS_NONE: u32 = 0;
 pub const LLAMA_STATE_SEQ_FLAGS_SWA_ONLY: u32 = 1;
 pub const LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: u32 = 1;
 pub const LLAMA_STATE_SEQ_FLAGS_ON_DEVICE: u32 = 2;
+pub const LOGQUANT_ERR_ARGUMENT: i32 = -1;
+pub const LOGQUANT_ERR_UNSUPPORTED: i32 = -2;
+pub const LOGQUANT_ERR_STATE: i32 = -3;
+pub const LOGQUANT_ERR_MEMORY: i32 = -4;
 pub type __off_t = ::core::ffi::c_long;
 pub type __off64_t = ::core::ffi::c_long;
 pub type FILE = _IO_FILE;
@@ -839,6 +843,36 @@ pub struct logquant_memory {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct logquant_overlay_stats {
+    pub enabled: bool,
+    pub slots_per_stream: u32,
+    pub slots_used: u64,
+    pub misses: u64,
+    pub bytes_host: usize,
+    pub bytes_device: usize,
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct logquant_attn_case {
+    pub head_dim: i32,
+    pub n_head: i32,
+    pub n_head_kv: i32,
+    pub n_tokens: i32,
+    pub n_kv: i32,
+    pub n_slots: i32,
+    pub scale: f32,
+    pub q: *const f32,
+    pub k_store: *const ::core::ffi::c_void,
+    pub v_store: *const ::core::ffi::c_void,
+    pub k_overlay: *const u16,
+    pub v_overlay: *const u16,
+    pub slot_to_cell: *const i32,
+    pub mask: *const f32,
+    pub n_threads: i32,
+    pub out: *mut f32,
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct ggml_backend_buffer {
     pub _address: u8,
 }
@@ -1382,4 +1416,20 @@ unsafe extern "C" {
     pub fn logquant_lq2_quantize(x: *const f32, blocks: *mut ::core::ffi::c_void, n: i64, reference: bool) -> bool;
     pub fn logquant_lq2_dequantize(blocks: *const ::core::ffi::c_void, y: *mut f32, n: i64) -> bool;
     pub fn logquant_lq2_dot(blocks: *const ::core::ffi::c_void, y: *const f32, n: i64, out: *mut f32) -> bool;
+    pub fn logquant_last_error() -> *const ::core::ffi::c_char;
+    pub fn logquant_overlay_enable(ctx: *mut llama_context, n_slots: u32) -> i32;
+    pub fn logquant_seq_set_full_precision(
+        ctx: *mut llama_context,
+        seq: llama_seq_id,
+        pos: *const llama_pos,
+        n: usize,
+    ) -> i32;
+    pub fn logquant_seq_full_precision(
+        ctx: *mut llama_context,
+        seq: llama_seq_id,
+        out: *mut llama_pos,
+        cap: usize,
+    ) -> i64;
+    pub fn logquant_overlay_get_stats(ctx: *const llama_context, out: *mut logquant_overlay_stats) -> bool;
+    pub fn logquant_attn_run(c: *const logquant_attn_case) -> bool;
 }

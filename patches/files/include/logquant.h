@@ -58,6 +58,86 @@ LLAMA_API bool logquant_lq2_dequantize(const void * blocks, float * y, int64_t n
 // The CPU dot product attention uses for K.q: sum_i dequant(blocks)[i] * y[i].
 LLAMA_API bool logquant_lq2_dot(const void * blocks, const float * y, int64_t n, float * out);
 
+//
+// The two-tier cache (SPEC.md section 4): every token in the quantized store (K and V
+// of type lq2, or any other quantized type), plus an f16 overlay holding the tokens a
+// retention policy keeps at full precision. Attention runs over both tiers in one
+// softmax: store cells without an overlay copy, and the overlay.
+//
+// The policy lives with the caller: after each llama_decode it tells the cache, per
+// sequence, which positions stay at full precision; the rest are demoted (their slot
+// is freed; the 2-bit copy was written with the token, so no data moves). Every token
+// written gets a slot, so size the overlay as the policy's budget plus the tokens one
+// llama_decode writes per sequence (n_ubatch); when it is full, new tokens stay 2-bit
+// and count as misses.
+//
+// Functions returning int32_t/int64_t give a negative LOGQUANT_ERR_* on failure;
+// logquant_last_error() then describes it (per thread, until the next failure).
+//
+
+#define LOGQUANT_ERR_ARGUMENT    (-1) // NULL pointer, bad sequence id, unsorted positions
+#define LOGQUANT_ERR_UNSUPPORTED (-2) // model or context the overlay cannot serve
+#define LOGQUANT_ERR_STATE       (-3) // wrong moment: already enabled, not enabled, tokens present
+#define LOGQUANT_ERR_MEMORY      (-4) // the overlay's buffers could not be allocated
+
+LLAMA_API const char * logquant_last_error(void);
+
+// Adds an overlay of n_slots tokens per KV stream (capped at the cache size) to every
+// KV cache of ctx (two on models with sliding-window layers), in the buffer types of
+// the layers' K and V. Call on a fresh context (no token decoded) created with flash
+// attention on. n_slots = 0 is allowed: every token stays 2-bit, through the same
+// attention kernel. Returns 0 on success.
+LLAMA_API int32_t logquant_overlay_enable(struct llama_context * ctx, uint32_t n_slots);
+
+// Keeps at full precision only the tokens of seq at the listed positions (sorted
+// ascending; may be empty); every other overlaid token of seq is demoted. A position
+// already demoted cannot come back. Applies to every cache of the context. Returns 0.
+LLAMA_API int32_t logquant_seq_set_full_precision(struct llama_context * ctx, llama_seq_id seq,
+                                                  const llama_pos * pos, size_t n);
+
+// Writes up to cap positions of seq that are held at full precision (in the cache of
+// the global-attention layers), ascending, to out; returns how many there are (which
+// may exceed cap), or a negative error.
+LLAMA_API int64_t logquant_seq_full_precision(struct llama_context * ctx, llama_seq_id seq,
+                                              llama_pos * out, size_t cap);
+
+struct logquant_overlay_stats {
+    bool     enabled;
+    uint32_t slots_per_stream; // capacity of the largest cache's overlay
+    uint64_t slots_used;       // over all caches and streams
+    uint64_t misses;           // tokens written while the overlay was full
+    size_t   bytes_host;       // allocated overlay memory (also counted in logquant_memory_breakdown)
+    size_t   bytes_device;
+};
+
+// Fills *out; enabled = false when ctx has no overlay. Returns false on NULL arguments.
+LLAMA_API bool logquant_overlay_get_stats(const struct llama_context * ctx, struct logquant_overlay_stats * out);
+
+// One run of the CPU two-tier attention kernel (the one the cache uses) on buffers the
+// caller provides, for tests against an independent implementation. A single KV head
+// group layout: query head h reads KV head h / (n_head / n_head_kv).
+struct logquant_attn_case {
+    int32_t head_dim;             // K and V head size, a multiple of 64
+    int32_t n_head;               // query heads
+    int32_t n_head_kv;            // KV heads (divides n_head)
+    int32_t n_tokens;             // queries
+    int32_t n_kv;                 // cells in the store
+    int32_t n_slots;              // overlay slots
+    float   scale;                // applied to K.q
+    const float    * q;           // [n_tokens][n_head][head_dim]
+    const void     * k_store;     // [n_kv][n_head_kv] LQ2 rows of head_dim values
+    const void     * v_store;     // same layout
+    const uint16_t * k_overlay;   // [n_slots][n_head_kv][head_dim] IEEE f16 (may be NULL if n_slots = 0)
+    const uint16_t * v_overlay;
+    const int32_t  * slot_to_cell; // [n_slots]: the cell a slot holds, or -1; each cell at most once
+    const float    * mask;        // [n_tokens][n_kv]: 0 or -INFINITY (added to the scores)
+    int32_t n_threads;
+    float * out;                  // [n_tokens][n_head][head_dim]
+};
+
+// Returns false (writing nothing) on NULL pointers or inconsistent sizes.
+LLAMA_API bool logquant_attn_run(const struct logquant_attn_case * c);
+
 #ifdef __cplusplus
 }
 #endif

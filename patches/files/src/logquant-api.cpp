@@ -21,6 +21,12 @@ bool logquant_memory_breakdown(const struct llama_context * ctx, struct logquant
         (host ? mem.context_host : mem.context_device) += data.context;
         (host ? mem.compute_host : mem.compute_device) += data.compute;
     }
+    // The overlay's buffers are the cache's too, outside llama.cpp's own accounting.
+    logquant_overlay_stats ov = {};
+    if (logquant_overlay_get_stats(ctx, &ov)) {
+        mem.context_host   += ov.bytes_host;
+        mem.context_device += ov.bytes_device;
+    }
     *out = mem;
     return true;
 }

@@ -1,0 +1,237 @@
+// CPU kernels of LogQuant's two-tier KV cache; see logquant-attn.h.
+#include "logquant-attn.h"
+
+#include "ggml-cpu.h"
+#include "ggml-impl.h"
+#include "simd-mappings.h"
+#include "vec.h"
+
+#include <math.h>
+#include <string.h>
+
+// Head sizes up to this fit the per-thread scratch on the stack (llama.cpp's models
+// use 64..256; MLA's 576 does not go through this path).
+#define LQ_MAX_HEAD 1024
+
+void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const logquant_attn_layer * layer = (const logquant_attn_layer *) userdata;
+    const logquant_attn_state * st    = layer->state;
+
+    const ggml_tensor * q    = dst->src[0];
+    const ggml_tensor * k    = dst->src[1];
+    const ggml_tensor * v    = dst->src[2];
+    const ggml_tensor * mask = dst->src[3];
+    const ggml_tensor * kov  = dst->src[4];
+    const ggml_tensor * vov  = dst->src[5];
+
+    const int64_t DK   = k->ne[0];
+    const int64_t DV   = v->ne[0];
+    const int64_t n_kv = k->ne[1];
+    const int64_t N    = q->ne[1];
+    const int64_t n_head = q->ne[2];
+    const int64_t n_strm = q->ne[3];
+
+    GGML_ASSERT(DK <= LQ_MAX_HEAD && DV <= LQ_MAX_HEAD);
+    GGML_ASSERT(q->type == GGML_TYPE_F32 && mask->type == GGML_TYPE_F16);
+    GGML_ASSERT(kov->type == GGML_TYPE_F16 && vov->type == GGML_TYPE_F16);
+    GGML_ASSERT(dst->ne[0] == DV && dst->ne[1] == n_head && dst->ne[2] == N);
+
+    // broadcast factors (grouped-query attention)
+    const int64_t rk2 = n_head / k->ne[2];
+    const int64_t rv2 = n_head / v->ne[2];
+
+    float scale = layer->scale;
+    const float max_bias      = layer->max_bias;
+    const float logit_softcap = layer->logit_softcap;
+    if (logit_softcap != 0) {
+        scale /= logit_softcap;
+    }
+
+    const uint32_t n_head_log2 = 1u << (uint32_t) floor(log2((double) n_head));
+    const float m0 = powf(2.0f, -(max_bias       ) / n_head_log2);
+    const float m1 = powf(2.0f, -(max_bias / 2.0f) / n_head_log2);
+
+    // The store: exactly the functions ggml's CPU flash attention picks for its types.
+    const ggml_type         k_vec_dot_type = ggml_get_type_traits_cpu(k->type)->vec_dot_type;
+    ggml_from_float_t const q_to_vec_dot   = ggml_get_type_traits_cpu(k_vec_dot_type)->from_float;
+    ggml_vec_dot_t    const kq_vec_dot     = ggml_get_type_traits_cpu(k->type)->vec_dot;
+    ggml_to_float_t   const v_to_float     = ggml_get_type_traits(v->type)->to_float;
+    // The overlay: f16 K against an f16 query, as ggml's flash attention does for f16 caches.
+    ggml_from_float_t const q_to_f16       = ggml_get_type_traits_cpu(GGML_TYPE_F16)->from_float;
+    GGML_ASSERT(q_to_vec_dot && kq_vec_dot && (v_to_float || v->type == GGML_TYPE_F32));
+
+    float       VKQ[LQ_MAX_HEAD];  // store tier: f32 accumulator (as flash attention for quantized V)
+    ggml_fp16_t VKQ16[LQ_MAX_HEAD]; // overlay tier: f16 accumulator (as flash attention for f16 V)
+    float       V32[LQ_MAX_HEAD];
+    float       Q_q[LQ_MAX_HEAD]; // q in the store's vec_dot type (at most f32-sized)
+    ggml_fp16_t Q16[LQ_MAX_HEAD];
+
+    const int32_t n_slots = st->n_slots;
+    const int64_t n_rows  = N * n_head * n_strm;
+
+    for (int64_t ir = ith; ir < n_rows; ir += nth) {
+        const int64_t iq3 = ir / (n_head * N);
+        const int64_t iq2 = (ir - iq3 * n_head * N) / N;
+        const int64_t iq1 = ir - iq3 * n_head * N - iq2 * N;
+
+        const uint32_t h = (uint32_t) iq2;
+        const float slope = (max_bias > 0.0f) ? h < n_head_log2 ? powf(m0, h + 1) : powf(m1, 2*(h - n_head_log2) + 1) : 1.0f;
+
+        const int64_t strm = st->s0 + iq3;
+        const int32_t * c2s = st->cell_to_slot + strm * st->n_cells;
+        const int32_t * s2c = st->slot_to_cell + strm * n_slots;
+
+        const ggml_fp16_t * mp = (const ggml_fp16_t *) ((const char *) mask->data + iq1*mask->nb[1] + (iq2 % mask->ne[2])*mask->nb[2] + (iq3 % mask->ne[3])*mask->nb[3]);
+
+        const int64_t ik2 = iq2 / rk2;
+        const int64_t iv2 = iq2 / rv2;
+
+        const float * pq = (const float *) ((const char *) q->data + iq1*q->nb[1] + iq2*q->nb[2] + iq3*q->nb[3]);
+
+        // KQ value of one cell, scaled, capped and masked: flash attention's arithmetic
+        auto score = [&](float s, float mv) {
+            s = s * scale;
+            if (logit_softcap != 0.0f) {
+                s = logit_softcap * tanhf(s);
+            }
+            return s + mv;
+        };
+
+        // Tier 1: the quantized store minus the cells the overlay holds. Online softmax
+        // with an f32 accumulator, step for step what ggml's CPU flash attention does
+        // for a quantized V, so that with no overlay the result is bitwise the same.
+        float S1 = 0.0f;
+        float M1 = -INFINITY;
+        memset(VKQ, 0, DV * sizeof(float));
+        bool q_ready = false;
+        for (int64_t ic = 0; ic < n_kv; ++ic) {
+            const float mv = slope * GGML_CPU_FP16_TO_FP32(mp[ic]);
+            if (mv == -INFINITY || c2s[ic] >= 0) {
+                continue;
+            }
+            if (!q_ready) {
+                q_to_vec_dot(pq, Q_q, DK);
+                q_ready = true;
+            }
+            float s;
+            const char * k_data = (const char *) k->data + ic*k->nb[1] + ik2*k->nb[2] + iq3*k->nb[3];
+            kq_vec_dot(DK, &s, 0, k_data, 0, Q_q, 0, 1);
+            s = score(s, mv);
+
+            const float Mold = M1;
+            float ms = 1.0f;
+            float vs = 1.0f;
+            if (s > M1) {
+                M1 = s;
+                ms = expf(Mold - M1);
+                ggml_vec_scale_f32(DV, VKQ, ms);
+            } else {
+                vs = expf(s - M1);
+            }
+            const char * v_data = (const char *) v->data + ic*v->nb[1] + iv2*v->nb[2] + iq3*v->nb[3];
+            if (v_to_float) {
+                v_to_float(v_data, V32, DV);
+                ggml_vec_mad_f32(DV, VKQ, V32, vs);
+            } else {
+                ggml_vec_mad_f32(DV, VKQ, (const float *) v_data, vs);
+            }
+            S1 = S1*ms + vs;
+        }
+
+        // Tier 2: the f16 overlay; each slot takes the mask of the cell it holds. The
+        // arithmetic of flash attention over an f16 cache (f16 query, f16 accumulator),
+        // so that with every token in the overlay the result is bitwise that of f16.
+        float S2 = 0.0f;
+        float M2 = -INFINITY;
+        bool q16_ready = false;
+        for (int32_t slot = 0; slot < n_slots; ++slot) {
+            const int32_t c = s2c[slot];
+            if (c < 0 || c >= n_kv) {
+                continue;
+            }
+            const float mv = slope * GGML_CPU_FP16_TO_FP32(mp[c]);
+            if (mv == -INFINITY) {
+                continue;
+            }
+            if (!q16_ready) {
+                q_to_f16(pq, Q16, DK);
+                memset(VKQ16, 0, DV * sizeof(ggml_fp16_t));
+                q16_ready = true;
+            }
+            const int64_t row = strm * n_slots + slot;
+            ggml_fp16_t * k_data = (ggml_fp16_t *) ((char *) kov->data + row*kov->nb[1]) + ik2*DK;
+            float s;
+            ggml_vec_dot_f16(DK, &s, 0, k_data, 0, Q16, 0, 1);
+            s = score(s, mv);
+
+            const float Mold = M2;
+            float ms = 1.0f;
+            float vs = 1.0f;
+            if (s > M2) {
+                M2 = s;
+                ms = expf(Mold - M2);
+                ggml_vec_scale_f16(DV, VKQ16, ms);
+            } else {
+                vs = expf(s - M2);
+            }
+            const ggml_fp16_t * v_data = (const ggml_fp16_t *) ((const char *) vov->data + row*vov->nb[1]) + iv2*DV;
+            ggml_vec_mad_f16(DV, VKQ16, v_data, vs);
+            S2 = S2*ms + vs;
+        }
+
+        // One softmax over both tiers: merge the partial results by their log-sum-exp.
+        float S = S1;
+        if (S2 != 0.0f) {
+            if (S1 == 0.0f) {
+                for (int64_t d = 0; d < DV; ++d) {
+                    VKQ[d] = GGML_CPU_FP16_TO_FP32(VKQ16[d]);
+                }
+                S = S2;
+            } else {
+                const float M  = M1 > M2 ? M1 : M2;
+                const float a1 = expf(M1 - M);
+                const float a2 = expf(M2 - M);
+                for (int64_t d = 0; d < DV; ++d) {
+                    VKQ[d] = VKQ[d]*a1 + GGML_CPU_FP16_TO_FP32(VKQ16[d])*a2;
+                }
+                S = S1*a1 + S2*a2;
+            }
+        }
+
+        const float S_inv = S == 0.0f ? 0.0f : 1.0f/S;
+        ggml_vec_scale_f32(DV, VKQ, S_inv);
+
+        // permute(0, 2, 1, 3), as flash attention writes its result
+        memcpy((char *) dst->data + (iq3*dst->ne[2]*dst->ne[1] + iq2 + iq1*dst->ne[1])*dst->nb[1], VKQ, dst->nb[1]);
+    }
+}
+
+static void write_rows(const ggml_tensor * cur, ggml_tensor * ov, const logquant_attn_state * st, int ith, int nth) {
+    const int64_t n_embd_head = cur->ne[0];
+    const int64_t n_head      = cur->ne[1];
+    const int64_t n_tokens    = cur->ne[2];
+    GGML_ASSERT(n_tokens == st->n_tokens);
+    GGML_ASSERT(n_embd_head * n_head == ov->ne[0]);
+    for (int64_t i = ith; i < n_tokens; i += nth) {
+        const int32_t row = st->token_row[i];
+        if (row < 0) {
+            continue;
+        }
+        for (int64_t h = 0; h < n_head; ++h) {
+            const char * src = (const char *) cur->data + i*cur->nb[2] + h*cur->nb[1];
+            ggml_fp16_t * out = (ggml_fp16_t *) ((char *) ov->data + row*ov->nb[1]) + h*n_embd_head;
+            if (cur->type == GGML_TYPE_F32) {
+                ggml_cpu_fp32_to_fp16((const float *) src, out, n_embd_head);
+            } else {
+                GGML_ASSERT(cur->type == GGML_TYPE_F16);
+                memcpy(out, src, n_embd_head * sizeof(ggml_fp16_t));
+            }
+        }
+    }
+}
+
+void logquant_overlay_write(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const logquant_attn_layer * layer = (const logquant_attn_layer *) userdata;
+    write_rows(dst->src[0], dst->src[2], layer->state, ith, nth);
+    write_rows(dst->src[1], dst->src[3], layer->state, ith, nth);
+}

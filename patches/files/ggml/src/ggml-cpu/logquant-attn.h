@@ -1,0 +1,60 @@
+// CPU kernels of LogQuant's two-tier KV cache (SPEC.md section 4): attention over a
+// quantized store plus an f16 overlay of the tokens kept at full precision, in one
+// softmax, and the write of new tokens into the overlay.
+//
+// Both run as ggml custom ops (ggml_custom_4d); llama.cpp's side builds them in
+// src/logquant-overlay.cpp. The slot maps are read at compute time through
+// `struct logquant_attn_state`, which the overlay updates before every micro-batch.
+#pragma once
+
+#include "ggml.h"
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Which overlay slot holds which cell, per KV stream. Owned by the overlay
+// (llama.cpp side); the kernels only read it.
+struct logquant_attn_state {
+    int32_t n_slots;              // overlay slots per stream
+    int32_t n_cells;              // cells per stream (the KV cache's size)
+    const int32_t * slot_to_cell; // [n_stream][n_slots]: the cell a slot holds, or -1
+    const int32_t * cell_to_slot; // [n_stream][n_cells]: the slot a cell has, or -1
+    int32_t s0;                   // first stream of the current micro-batch
+    int32_t n_tokens;             // tokens of the current micro-batch
+    const int32_t * token_row;    // [n_tokens]: overlay row (stream*n_slots + slot) or -1
+};
+
+// Per layer: where to find the state, and the attention parameters
+// (those of ggml_flash_attn_ext).
+struct logquant_attn_layer {
+    const struct logquant_attn_state * state;
+    float scale;
+    float max_bias;
+    float logit_softcap;
+};
+
+// Custom op: dst = attention, laid out as ggml_flash_attn_ext's result
+// [DV, n_head, n_tokens, n_stream]. Sources, in order:
+//   0 q      [DK, n_tokens, n_head, n_stream] f32 (permuted view, as for flash attention)
+//   1 k      [DK, n_kv, n_head_kv, n_stream]  store (any type with a CPU vec_dot)
+//   2 v      [DV, n_kv, n_head_kv, n_stream]  store (any type with to_float)
+//   3 mask   [n_kv, n_tokens, 1, n_stream]    f16
+//   4 k_ov   [n_embd_k_gqa, n_slots*n_stream] f16 overlay
+//   5 v_ov   [n_embd_v_gqa, n_slots*n_stream] f16 overlay
+//   6 (optional) the overlay write, for ordering only
+// Store cells that have an overlay slot are skipped; overlay slots take the mask
+// of the cell they hold. With no slot in use, the arithmetic is exactly that of
+// ggml's CPU flash attention for the store's types.
+void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * userdata);
+
+// Custom op: writes the micro-batch's K and V (f32, as stored into the cache) into
+// the overlay rows state->token_row names. Sources: 0 k_cur [DK, n_head_kv, n_tokens],
+// 1 v_cur [DV, n_head_kv, n_tokens], 2 k_ov, 3 v_ov. dst is a 1-element dummy.
+void logquant_overlay_write(struct ggml_tensor * dst, int ith, int nth, void * userdata);
+
+#ifdef __cplusplus
+}
+#endif

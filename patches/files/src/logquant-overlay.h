@@ -1,0 +1,93 @@
+// LogQuant's precision overlay (SPEC.md section 4): f16 copies of the tokens the
+// retention policy keeps, beside llama_kv_cache's 2-bit store.
+//
+// One overlay per llama_kv_cache (an iSWA model has two: base and SWA layers). Per
+// KV stream it has `n_slots` slots; a slot holds the f16 K and V of one cell, in every
+// layer. Every token gets a slot when it is written (llama_kv_cache_context::apply);
+// the policy (Rust side, through include/logquant.h) demotes tokens by freeing their
+// slots; no data moves. Attention reads store cells that have no slot plus all
+// slots, in one softmax (ggml-cpu/logquant-attn.cpp).
+//
+// Hooks in upstream files (patches/series/0003-*): a member and friend declarations
+// in llama-kv-cache.h, on_ubatch() in llama_kv_cache_context::apply(), copy_stream()
+// in llama_kv_cache::update(), and logquant_build_attn() in llm_graph_context::build_attn.
+#pragma once
+
+#include "llama-kv-cache.h"
+#include "logquant-attn.h"
+
+#include "ggml-backend.h"
+
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+struct llama_hparams;
+
+struct logquant_overlay {
+    // Allocates n_slots per stream for every layer of kv (in the same buffer types as
+    // the store). Throws std::runtime_error when kv cannot take an overlay or memory
+    // runs out.
+    logquant_overlay(llama_kv_cache & kv, uint32_t n_slots);
+
+    // Hook: the micro-batch `sinfo` was just written into the cells. Frees the slots
+    // of emptied cells, then gives every written cell a slot (a full overlay leaves
+    // the token at 2 bits only and counts a miss).
+    void on_ubatch(const llama_kv_cache::slot_info & sinfo, const llama_ubatch & ubatch);
+
+    // Hook: stream ssrc was copied to sdst (cross-stream llama_memory_seq_cp).
+    void copy_stream(uint32_t ssrc, uint32_t sdst);
+
+    // Frees the slots of cells that no longer hold a token (seq_rm, clear).
+    void sweep();
+
+    // Keeps in the overlay only those tokens of seq whose positions are listed
+    // (sorted ascending); the others are demoted. Tokens not in the overlay stay out.
+    void set_full_precision(llama_seq_id seq, const llama_pos * pos, size_t n);
+
+    // Positions of seq held in the overlay, ascending.
+    std::vector<llama_pos> full_precision(llama_seq_id seq);
+
+    uint32_t slots_used() const;
+
+    // The attention of layer il over both tiers; see logquant_build_attn.
+    ggml_tensor * build_attn(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                             ggml_tensor * k, ggml_tensor * v, ggml_tensor * kq_mask, float kq_scale,
+                             const llama_hparams & hparams, int il);
+
+    llama_kv_cache & kv;
+    const uint32_t n_slots;
+    const uint32_t n_cells;
+    const uint32_t n_stream;
+
+    uint64_t misses = 0; // tokens written while every slot was taken
+    size_t   bytes  = 0; // allocated for the overlay
+
+    std::vector<ggml_backend_buffer_ptr> bufs;
+
+  private:
+    void free_slot(uint32_t strm, int32_t slot);
+
+    std::vector<ggml_context_ptr> ctxs;
+    std::vector<ggml_tensor *> k_ov; // per KV layer: [n_embd_k_gqa, n_slots*n_stream] f16
+    std::vector<ggml_tensor *> v_ov;
+
+    std::vector<int32_t> slot_to_cell; // [n_stream][n_slots]
+    std::vector<int32_t> cell_to_slot; // [n_stream][n_cells]
+    std::vector<std::vector<int32_t>> free_slots; // per stream, popped from the back
+    std::vector<int32_t> token_row;
+
+    logquant_attn_state state = {};
+    std::vector<logquant_attn_layer> layer_params; // per KV layer; the ops' userdata
+};
+
+// The overlay of the cache behind mctx, or nullptr when it has none.
+logquant_overlay * logquant_overlay_of(const llama_kv_cache_context * mctx);
+
+// Replaces build_attn_mha for a cache with an overlay: writes k_cur/v_cur (rotated as
+// stored) into the overlay and returns attention over both tiers, shaped as
+// build_attn_mha's flash-attention result [n_embd_head_v*n_head, n_tokens].
+ggml_tensor * logquant_build_attn(ggml_context * ctx, const llama_kv_cache_context * mctx, ggml_tensor * q,
+                                  ggml_tensor * k_cur, ggml_tensor * v_cur, ggml_tensor * k, ggml_tensor * v,
+                                  ggml_tensor * kq_mask, ggml_tensor * kq_b, ggml_tensor * sinks, ggml_tensor * v_mla,
+                                  float kq_scale, const llama_hparams & hparams, int il);

@@ -1,0 +1,147 @@
+//! A context as the commands use it: llama.cpp's context plus, for the two-tier
+//! configurations (`logquant`, `kivi`, `streaming`), one [`Retention`] per sequence.
+//!
+//! After every successful decode, each new token advances its sequence's policy
+//! (the step-by-step rule, also for a prompt: see below) and the resulting
+//! full-precision set is pushed into the cache (include/logquant.h), which demotes
+//! every other token. The cache gives every written token an overlay slot, and the
+//! engine sizes the overlay as the budget plus one micro-batch, with one decode call
+//! per micro-batch, so the newest tokens are always there when the policy runs.
+//!
+//! Prompts are fed through the same step-by-step rule in micro-batches, not the
+//! reference's one-shot prefill rule (SPEC.md section 2): the cache cannot hold a
+//! whole prompt at f16 to pick from afterwards, and step-by-step keeps more tokens
+//! (3W versus 2W at N = 3W). `Retention::prefill` stays available and tested.
+
+use std::ops::{Deref, DerefMut};
+
+use crate::llama::{Batch, Context, LlamaError, OverlayStats};
+use crate::retention::{Policy, Pos, Retention};
+
+pub struct Session<'m> {
+    ctx: Context<'m>,
+    /// Per sequence; None for a single-tier cache.
+    retention: Option<Vec<Retention>>,
+}
+
+impl<'m> Session<'m> {
+    /// A single-tier context: llama.cpp's cache types, or q2.
+    pub fn plain(ctx: Context<'m>) -> Session<'m> {
+        Session { ctx, retention: None }
+    }
+
+    /// A context whose overlay is already enabled, run by `policy` on each sequence.
+    pub fn two_tier(ctx: Context<'m>, policy: Policy) -> Session<'m> {
+        let n = ctx.n_seq_max() as usize;
+        Session { ctx, retention: Some(vec![Retention::new(policy); n]) }
+    }
+
+    /// The policy state of `seq` (None for a single-tier cache or an unknown sequence).
+    pub fn retention(&self, seq: i32) -> Option<&Retention> {
+        self.retention.as_ref()?.get(usize::try_from(seq).ok()?)
+    }
+
+    pub fn policy(&self) -> Option<Policy> {
+        self.retention.as_ref().and_then(|r| r.first()).map(|r| r.policy())
+    }
+
+    /// The overlay's state (None for a single-tier cache).
+    pub fn overlay(&self) -> Option<OverlayStats> {
+        self.ctx.overlay_stats()
+    }
+
+    /// Decodes `batch`, then runs the policy of every sequence it extends.
+    pub fn decode(&mut self, batch: &Batch) -> Result<(), LlamaError> {
+        if let Some(ret) = &self.retention {
+            // Check before decoding, so that a refused batch leaves both sides unchanged.
+            let mut next: Vec<Pos> = ret.iter().map(|r| r.len()).collect();
+            for i in 0..batch.len() {
+                let (seq, pos) = (batch.seq_of(i), batch.pos_of(i));
+                let expect = usize::try_from(seq).ok().and_then(|s| next.get_mut(s));
+                match expect {
+                    Some(e) if pos >= 0 && pos as Pos == *e => *e += 1,
+                    Some(e) => {
+                        return Err(LlamaError::InvalidArgument(format!(
+                            "sequence {seq} continues at position {e}, not {pos} (the two-tier cache tracks each sequence from 0 without gaps)"
+                        )))
+                    }
+                    None => return Err(LlamaError::InvalidArgument(format!("sequence {seq} is not in this context"))),
+                }
+            }
+        }
+        self.ctx.decode(batch)?;
+        let Some(ret) = &mut self.retention else {
+            return Ok(());
+        };
+        let mut touched = vec![false; ret.len()];
+        for i in 0..batch.len() {
+            let seq = batch.seq_of(i) as usize;
+            ret[seq].decode();
+            touched[seq] = true;
+        }
+        for (seq, r) in ret.iter().enumerate().filter(|(s, _)| touched[*s]) {
+            let kept: Vec<i32> = r.full_precision().into_iter().map(|p| p as i32).collect();
+            self.ctx.set_full_precision(seq as i32, &kept)?;
+        }
+        Ok(())
+    }
+
+    /// Removes positions [p0, p1) of `seq` (p1 < 0: to the end). The two-tier cache
+    /// supports removing a tail (a rollback), not a middle.
+    pub fn remove(&mut self, seq: i32, p0: i32, p1: i32) -> Result<bool, LlamaError> {
+        let Some(ret) = &self.retention else {
+            return self.ctx.remove(seq, p0, p1);
+        };
+        let r = usize::try_from(seq)
+            .ok()
+            .and_then(|s| ret.get(s))
+            .ok_or_else(|| LlamaError::InvalidArgument(format!("sequence {seq} is not in this context")))?;
+        let p0 = p0.max(0);
+        if p1 >= 0 && (p1 as Pos) < r.len() {
+            return Err(LlamaError::InvalidArgument(
+                "the two-tier cache can remove the tail of a sequence, not positions in its middle".into(),
+            ));
+        }
+        let removed = self.ctx.remove(seq, p0, -1)?;
+        let kept: Vec<Pos> = self.ctx.full_precision(seq)?.into_iter().map(|p| p as Pos).collect();
+        if let Some(ret) = &mut self.retention {
+            ret[seq as usize].truncate(p0 as Pos, &kept);
+        }
+        Ok(removed)
+    }
+
+    /// Copies every token of `src` to `dst`, with its policy state.
+    pub fn copy_sequence(&mut self, src: i32, dst: i32) -> Result<(), LlamaError> {
+        self.ctx.copy_sequence(src, dst)?;
+        if let Some(ret) = &mut self.retention {
+            ret[dst as usize] = ret[src as usize].clone();
+        }
+        Ok(())
+    }
+
+    /// Forgets every token of every sequence.
+    pub fn clear(&mut self) {
+        self.ctx.clear();
+        if let Some(ret) = &mut self.retention {
+            for r in ret.iter_mut() {
+                *r = Retention::new(r.policy());
+            }
+        }
+    }
+}
+
+/// Read access (logits, memory, sizes) goes straight to the context.
+impl<'m> Deref for Session<'m> {
+    type Target = Context<'m>;
+    fn deref(&self) -> &Context<'m> {
+        &self.ctx
+    }
+}
+
+/// For the sampler and synchronisation; decoding and removing go through the methods
+/// above, which keep the policy in step.
+impl<'m> DerefMut for Session<'m> {
+    fn deref_mut(&mut self) -> &mut Context<'m> {
+        &mut self.ctx
+    }
+}
