@@ -148,8 +148,9 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
             })?;
             let mut ctx = model.new_context(&cfg)?;
             let kv_bytes = ctx.memory().kv_bytes();
+            let overlay_bytes = ctx.overlay().map_or(0, |o| o.bytes);
             let kv_cells = ctx.n_ctx() as usize;
-            let mut batch = Batch::new(ctx.n_batch() as usize)?;
+            let mut batch = Batch::new(ctx.max_tokens_per_sequence())?;
 
             // Prefill speed, from an empty sequence 0.
             let prefill_tokens = filler_tokens(opts.prefill.min(depth.max(1)), n_vocab, 1);
@@ -209,7 +210,7 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
                     ms_per_step: Stat::of(&ms_per_step),
                     kv_bytes,
                     kv_cells,
-                    bits_per_value: kv.bits_per_value(),
+                    bits_per_value: kv.allocated_bits_per_value(kv_bytes as u64, overlay_bytes as u64),
                 });
                 progress.advance(1);
             }

@@ -15,6 +15,17 @@ use crate::session::Session;
 /// default budget, at little cost to prompt speed on a CPU.
 pub const TWO_TIER_MAX_UBATCH: u32 = 64;
 
+/// The sizes of a two-tier context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TwoTierSizes {
+    /// The most tokens of one sequence in one decode call (the policy runs after each).
+    pub per_seq: u32,
+    /// Overlay slots per stream: the budget plus `per_seq`.
+    pub slots: u32,
+    /// llama.cpp's n_batch = n_ubatch: `per_seq`, or one token per sequence if more.
+    pub n_batch: u32,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("model file {0} does not exist (fetch the default model with scripts/fetch-model.py, or pass -m PATH)")]
@@ -74,9 +85,21 @@ pub struct ContextConfig {
 }
 
 impl ContextConfig {
+    /// The logical batch llama.cpp gets: what was asked, within the context, and at
+    /// least one token per sequence (llama.cpp asserts on fewer).
+    pub fn n_batch_for(cfg: &ContextConfig, n_ctx: u32) -> u32 {
+        match LoadedModel::two_tier_sizes(cfg) {
+            Some(t) => t.n_batch,
+            None => cfg.n_batch.min(n_ctx).max(cfg.n_seq),
+        }
+    }
+
     /// The micro-batch llama.cpp will use for this configuration.
     pub fn n_ubatch_for(cfg: &ContextConfig) -> u32 {
-        LoadedModel::two_tier_sizes(cfg).map(|(u, _)| u).unwrap_or(cfg.n_ubatch.min(cfg.n_batch))
+        match LoadedModel::two_tier_sizes(cfg) {
+            Some(t) => t.n_batch,
+            None => cfg.n_ubatch.min(cfg.n_batch),
+        }
     }
 
     pub fn new(n_ctx: u32) -> ContextConfig {
@@ -121,14 +144,17 @@ impl LoadedModel {
         Ok(())
     }
 
-    /// The micro-batch and overlay slots per stream a two-tier context gets (None for a
-    /// single-tier cache): one decode call per micro-batch (n_batch = n_ubatch).
-    pub fn two_tier_sizes(cfg: &ContextConfig) -> Option<(u32, u32)> {
+    /// How a two-tier context is sized (None for a single-tier cache).
+    pub fn two_tier_sizes(cfg: &ContextConfig) -> Option<TwoTierSizes> {
         let policy = cfg.kv.policy?;
-        let ubatch = cfg.n_ubatch.min(cfg.n_batch).clamp(1, TWO_TIER_MAX_UBATCH);
+        let per_seq = cfg.n_ubatch.min(cfg.n_batch).clamp(1, TWO_TIER_MAX_UBATCH);
         // D = 0 is q2 through the two-tier kernels: no slot, not even for new tokens.
         let budget = policy.dense_budget();
-        Some((ubatch, if budget == 0 { 0 } else { budget + ubatch }))
+        Some(TwoTierSizes {
+            per_seq,
+            slots: if budget == 0 { 0 } else { budget + per_seq },
+            n_batch: per_seq.max(cfg.n_seq),
+        })
     }
 
     /// Bytes of the KV cache this configuration allocates: the store, plus the overlay
@@ -136,8 +162,14 @@ impl LoadedModel {
     pub fn kv_bytes(&self, cfg: &ContextConfig, n_ctx: u32) -> Result<u64, GgufError> {
         let n_ubatch = ContextConfig::n_ubatch_for(cfg);
         let store = self.info.kv_bytes(n_ctx, cfg.kv.k, cfg.kv.v, false, cfg.n_seq, n_ubatch)?;
-        let Some((_, slots)) = LoadedModel::two_tier_sizes(cfg) else {
-            return Ok(store);
+        Ok(store + self.overlay_bytes(cfg, n_ctx)?)
+    }
+
+    /// Bytes of a two-tier configuration's f16 overlay (0 for a single-tier cache).
+    pub fn overlay_bytes(&self, cfg: &ContextConfig, n_ctx: u32) -> Result<u64, GgufError> {
+        let n_ubatch = ContextConfig::n_ubatch_for(cfg);
+        let Some(TwoTierSizes { slots, .. }) = LoadedModel::two_tier_sizes(cfg) else {
+            return Ok(0);
         };
         let params = KvCacheParams {
             n_ctx,
@@ -148,7 +180,7 @@ impl LoadedModel {
             swa_full: false,
             flash_attn: true,
         };
-        Ok(store + self.info.overlay_bytes(&params, slots)?)
+        self.info.overlay_bytes(&params, slots)
     }
 
     /// Checks the configuration against the model and the machine, then creates the
@@ -184,21 +216,23 @@ impl LoadedModel {
             }
         }
         let mut p = ContextParams::new(n_ctx, cfg.threads);
-        p.n_batch = cfg.n_batch.min(n_ctx);
+        p.n_batch = ContextConfig::n_batch_for(cfg, n_ctx);
         p.n_ubatch = cfg.n_ubatch.min(p.n_batch);
         p.n_seq_max = cfg.n_seq;
         p.type_k = cfg.kv.k;
         p.type_v = cfg.kv.v;
         p.flash_attn = cfg.flash_attn;
-        let Some((ubatch, slots)) = LoadedModel::two_tier_sizes(cfg) else {
+        let Some(sizes) = LoadedModel::two_tier_sizes(cfg) else {
             return Ok(Session::plain(Context::new(&self.model, &p)?));
         };
-        p.n_batch = ubatch.min(n_ctx);
         p.n_ubatch = p.n_batch;
         p.flash_attn = FlashAttn::On;
         let mut ctx = Context::new(&self.model, &p)?;
-        ctx.enable_overlay(slots)?;
-        Ok(Session::two_tier(ctx, cfg.kv.policy.expect("two-tier sizes imply a policy")))
+        // A no_alloc context only sizes buffers (crate::plan adds the overlay's bytes).
+        if !self.params.no_alloc {
+            ctx.enable_overlay(sizes.slots)?;
+        }
+        Ok(Session::two_tier(ctx, cfg.kv.policy.expect("two-tier sizes imply a policy"), sizes.per_seq))
     }
 }
 

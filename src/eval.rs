@@ -67,7 +67,12 @@ impl Track<'_> {
         let n = self.klds.len();
         EvalRow {
             config: self.config.to_string(),
-            bits_per_value: self.config.bits_per_value(),
+            // The two-tier cache: every token's 2-bit copy, plus 16 bits for each token
+            // at full precision at the end of the text (SPEC.md section 2 accounting).
+            bits_per_value: match self.ctx.retention(0) {
+                Some(r) => self.config.bits_with_overlay(r.n_full_precision() as f64, r.len() as f64),
+                None => self.config.bits_per_value(),
+            },
             mean_kld: if n > 0 { self.klds.iter().sum::<f64>() / n as f64 } else { 0.0 },
             p99_kld: quantile(&self.klds, 0.99),
             top1_agreement: if n > 0 { 100.0 * self.top1_hits as f64 / n as f64 } else { 0.0 },
@@ -105,6 +110,13 @@ pub fn evaluate(
     }
     if opts.step == 0 || opts.step > MAX_STEP {
         return Err(EngineError::Input(format!("--step must be within 1..={MAX_STEP}, not {}", opts.step)));
+    }
+    if opts.step > crate::engine::TWO_TIER_MAX_UBATCH as usize && configs.iter().any(|c| c.policy.is_some()) {
+        return Err(EngineError::Input(format!(
+            "the two-tier cache takes at most {} tokens of a sequence per decode; use --step {} or less",
+            crate::engine::TWO_TIER_MAX_UBATCH,
+            crate::engine::TWO_TIER_MAX_UBATCH
+        )));
     }
     let make = |kv: KvConfig| -> Result<Track, EngineError> {
         let mut cfg = opts.context.clone();

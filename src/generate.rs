@@ -61,7 +61,7 @@ pub fn generate(
     }
     let model = ctx.model();
     let mut sampler = Sampler::new(&params.sampler);
-    let n_batch = ctx.n_batch() as usize;
+    let n_batch = ctx.max_tokens_per_sequence();
     let mut batch = Batch::new(n_batch)?;
 
     let t0 = Instant::now();

@@ -122,6 +122,15 @@ impl KvConfig {
         (self.k.bits_per_value() + self.v.bits_per_value()) / 2.0
     }
 
+    /// Bits per value of an allocation whose `overlay` bytes (of `kv` in all) are the
+    /// two-tier cache's f16 overlay: the store's bits, scaled up by the overlay.
+    pub fn allocated_bits_per_value(&self, kv: u64, overlay: u64) -> f64 {
+        if overlay == 0 || overlay >= kv {
+            return self.bits_per_value();
+        }
+        self.bits_per_value() * kv as f64 / (kv - overlay) as f64
+    }
+
     /// Bits per value when `full_precision` of every `tokens` also have an f16 copy.
     pub fn bits_with_overlay(&self, full_precision: f64, tokens: f64) -> f64 {
         self.bits_per_value() + if tokens > 0.0 { 16.0 * full_precision / tokens } else { 0.0 }

@@ -66,9 +66,12 @@ fn probe(
     cfg.n_seq = n_seq as u32;
     cfg.n_ctx = u32::try_from(ctx * n_seq)
         .map_err(|_| EngineError::Input(format!("{n_seq} sequences of {ctx} tokens exceed llama.cpp's 2^32 cells")))?;
+    let n_ctx = cfg.n_ctx;
     let ctx = model.new_context(&cfg)?;
     let mut m = ctx.memory();
     m.compute_host += logits_bytes(model, n_seq) as usize;
+    // A sizing context allocates no overlay: add what the two-tier cache would.
+    m.context_host += model.overlay_bytes(&cfg, n_ctx)? as usize;
     Ok(m)
 }
 
@@ -118,8 +121,10 @@ pub fn plan(model: &LoadedModel, configs: &[KvConfig], opts: &PlanOptions) -> Re
         // llama.cpp holds at most LLAMA_MAX_SEQ sequences in one context.
         let batch_limit = opts.max_batch_limit.clamp(1, LLAMA_MAX_SEQ as u64);
         let reader = |ctx: u64, n_seq: u64| {
-            let ubatch = opts.template.n_ubatch.min(opts.template.n_batch);
-            model.info.kv_bytes((ctx * n_seq) as u32, kv.k, kv.v, false, n_seq as u32, ubatch)
+            let mut cfg = opts.template.clone();
+            cfg.kv = kv;
+            cfg.n_seq = n_seq as u32;
+            model.kv_bytes(&cfg, (ctx * n_seq) as u32)
         };
         let mut max_batch = search(batch_limit, |b| Ok(within(probe(model, opts, kv, opts.ctx, b)?)))?;
         if let Some(f) = max_batch.as_mut() {
@@ -133,7 +138,13 @@ pub fn plan(model: &LoadedModel, configs: &[KvConfig], opts: &PlanOptions) -> Re
         if let Some(f) = max_ctx.as_mut() {
             f.kv_bytes_reader = reader(f.value, 1)?;
         }
-        rows.push(PlanRow { config: kv.to_string(), bits_per_value: kv.bits_per_value(), max_batch, max_ctx });
+        let bits_per_value = {
+            let mut cfg = opts.template.clone();
+            cfg.kv = kv;
+            let n = opts.ctx as u32;
+            kv.allocated_bits_per_value(model.kv_bytes(&cfg, n)?, model.overlay_bytes(&cfg, n)?)
+        };
+        rows.push(PlanRow { config: kv.to_string(), bits_per_value, max_batch, max_ctx });
     }
     Ok(rows)
 }

@@ -22,18 +22,29 @@ pub struct Session<'m> {
     ctx: Context<'m>,
     /// Per sequence; None for a single-tier cache.
     retention: Option<Vec<Retention>>,
+    /// The most tokens of one sequence per decode call.
+    max_per_seq: u32,
 }
 
 impl<'m> Session<'m> {
     /// A single-tier context: llama.cpp's cache types, or q2.
     pub fn plain(ctx: Context<'m>) -> Session<'m> {
-        Session { ctx, retention: None }
+        let max_per_seq = ctx.n_batch();
+        Session { ctx, retention: None, max_per_seq }
     }
 
-    /// A context whose overlay is already enabled, run by `policy` on each sequence.
-    pub fn two_tier(ctx: Context<'m>, policy: Policy) -> Session<'m> {
+    /// A context whose overlay is already enabled, run by `policy` on each sequence,
+    /// taking at most `max_per_seq` tokens of one sequence per decode call (the overlay
+    /// holds the budget plus that many).
+    pub fn two_tier(ctx: Context<'m>, policy: Policy, max_per_seq: u32) -> Session<'m> {
         let n = ctx.n_seq_max() as usize;
-        Session { ctx, retention: Some(vec![Retention::new(policy); n]) }
+        Session { ctx, retention: Some(vec![Retention::new(policy); n]), max_per_seq }
+    }
+
+    /// The most tokens of one sequence a decode call may carry: feed prompts in chunks
+    /// of this many.
+    pub fn max_tokens_per_sequence(&self) -> usize {
+        self.max_per_seq as usize
     }
 
     /// The policy state of `seq` (None for a single-tier cache or an unknown sequence).
@@ -54,7 +65,8 @@ impl<'m> Session<'m> {
     pub fn decode(&mut self, batch: &Batch) -> Result<(), LlamaError> {
         if let Some(ret) = &self.retention {
             // Check before decoding, so that a refused batch leaves both sides unchanged.
-            let mut next: Vec<Pos> = ret.iter().map(|r| r.len()).collect();
+            let start: Vec<Pos> = ret.iter().map(|r| r.len()).collect();
+            let mut next = start.clone();
             for i in 0..batch.len() {
                 let (seq, pos) = (batch.seq_of(i), batch.pos_of(i));
                 let expect = usize::try_from(seq).ok().and_then(|s| next.get_mut(s));
@@ -67,6 +79,13 @@ impl<'m> Session<'m> {
                     }
                     None => return Err(LlamaError::InvalidArgument(format!("sequence {seq} is not in this context"))),
                 }
+            }
+            if let Some(s) = (0..next.len()).find(|&s| next[s] - start[s] > self.max_per_seq) {
+                return Err(LlamaError::InvalidArgument(format!(
+                    "{} tokens of sequence {s} in one decode; the two-tier cache takes at most {} per sequence and call",
+                    next[s] - start[s],
+                    self.max_per_seq
+                )));
             }
         }
         self.ctx.decode(batch)?;

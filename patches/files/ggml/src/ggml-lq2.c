@@ -25,6 +25,60 @@ static float lq2_clamp_f16(float v) {
     return v > LQ2_F16_MAX ? LQ2_F16_MAX : (v < -LQ2_F16_MAX ? -LQ2_F16_MAX : v);
 }
 
+// Refines the group's minimum m and step d by least squares: a few rounds of
+// "assign each value its nearest level, then fit m + d*q to the values" (Lloyd's
+// algorithm on a uniform 4-level grid), starting from min/max. On Gaussian-like data
+// (K and V after llama.cpp's Hadamard rotation) this halves the mean squared error of
+// plain min/max scaling, at the price of clipping the extremes; the block format and
+// every kernel that reads it are unchanged. Values are clamped to the f16 range and
+// NaN is left out. Products are written as explicit fma() so that no compiler
+// contraction changes the result: src/lq2.rs repeats this bit for bit.
+#define LQ2_FIT_ROUNDS 4
+
+static int lq2_level(float x, float m, float id) {
+    const float t = (x - m) * id;
+    // !(t > 0) also catches NaN
+    return !(t > 0.0f) ? 0 : (t >= 3.0f ? 3 : (int) (t + 0.5f));
+}
+
+static void lq2_fit(const float * x, float * m_io, float * d_io) {
+    double m = *m_io;
+    double d = *d_io;
+    for (int round = 0; round < LQ2_FIT_ROUNDS; round++) {
+        if (!(d > 0.0)) {
+            break;
+        }
+        const float mf = (float) m;
+        const float idf = 1.0f / (float) d;
+        double n = 0.0, sq = 0.0, sqq = 0.0, sx = 0.0, sqx = 0.0;
+        for (int j = 0; j < QK_LQ2; j++) {
+            if (isnan(x[j])) {
+                continue;
+            }
+            const double v = lq2_clamp_f16(x[j]);
+            const double q = lq2_level((float) v, mf, idf);
+            n   += 1.0;
+            sq  += q;
+            sqq  = fma(q, q, sqq);
+            sx  += v;
+            sqx  = fma(q, v, sqx);
+        }
+        const double det = fma(n, sqq, -(sq*sq));
+        if (!(det > 0.0)) {
+            break;
+        }
+        const double d2 = fma(n, sqx, -(sq*sx)) / det;
+        const double m2 = fma(-d2, sq, sx) / n;
+        if (!(d2 > 0.0) || !isfinite(m2)) {
+            break;
+        }
+        m = m2;
+        d = d2;
+    }
+    *m_io = lq2_clamp_f16((float) m);
+    *d_io = lq2_clamp_f16((float) d);
+}
+
 void quantize_row_lq2_ref(const float * x, block_lq2 * y, int64_t k) {
     assert(k % QK_LQ2 == 0);
     const int64_t nb = k / QK_LQ2;
@@ -45,10 +99,14 @@ void quantize_row_lq2_ref(const float * x, block_lq2 * y, int64_t k) {
         mn = lq2_clamp_f16(mn);
         mx = lq2_clamp_f16(mx);
 
+        float m0 = mn;
+        float d0 = (mx - mn) / 3.0f;
+        lq2_fit(xb, &m0, &d0);
+
         // Quantize against the values the block will really hold (f16-rounded), so
         // the rounding of q is consistent with the dequantized levels.
-        const ggml_fp16_t m_h = GGML_FP32_TO_FP16(mn);
-        const ggml_fp16_t d_h = GGML_FP32_TO_FP16((mx - mn) / 3.0f);
+        const ggml_fp16_t m_h = GGML_FP32_TO_FP16(m0);
+        const ggml_fp16_t d_h = GGML_FP32_TO_FP16(d0);
         const float m  = GGML_FP16_TO_FP32(m_h);
         const float d  = GGML_FP16_TO_FP32(d_h);
         const float id = d > 0.0f ? 1.0f / d : 0.0f;
@@ -57,9 +115,7 @@ void quantize_row_lq2_ref(const float * x, block_lq2 * y, int64_t k) {
         y[i].m = m_h;
         memset(y[i].qs, 0, sizeof(y[i].qs));
         for (int j = 0; j < QK_LQ2; j++) {
-            const float t = (xb[j] - m) * id;
-            // !(t > 0) also catches NaN
-            const int q = !(t > 0.0f) ? 0 : (t >= 3.0f ? 3 : (int) (t + 0.5f));
+            const int q = lq2_level(xb[j], m, id);
             y[i].qs[j/4] |= (uint8_t) (q << (2*(j%4)));
         }
     }
