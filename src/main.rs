@@ -375,6 +375,15 @@ fn cmd_run(args: RunArgs) -> Result<()> {
             "model": loaded.path,
             "text": text,
             "kv_cache": { "type": cfg.kv.to_string(), "bytes": kv_bytes },
+            "two_tier": ctx.retention(0).map(|r| serde_json::json!({
+                "full_precision_positions": r.full_precision(),
+                "overlay": ctx.overlay().map(|o| serde_json::json!({
+                    "slots_per_stream": o.slots_per_stream,
+                    "slots_used": o.slots_used,
+                    "misses": o.misses,
+                    "bytes": o.bytes,
+                })),
+            })),
             "n_ctx": ctx.n_ctx(),
             "stats": stats,
             "prompt_tokens_per_second": stats.prompt_tokens_per_second(),
@@ -397,6 +406,9 @@ fn cmd_run(args: RunArgs) -> Result<()> {
         ctx.n_ctx(),
         kv_bytes as f64 / MIB
     );
+    if let Some(r) = ctx.retention(0) {
+        eprintln!("two-tier cache: {} of {} tokens at full precision", r.n_full_precision(), r.len());
+    }
     Ok(())
 }
 

@@ -370,6 +370,8 @@ fn rollback_and_copy_keep_policy_and_cache_in_step() {
     logits_by_step(&mut ctx, &tokens[..64], 8);
     ctx.copy_sequence(0, 1).unwrap();
     assert_eq!(ctx.retention(1), ctx.retention(0));
+    // The copy's slot maps are there at once (its f16 data follows at the next decode).
+    assert_eq!(ctx.full_precision(1).unwrap(), (48..64).collect::<Vec<i32>>());
     // Decode 16 more on sequence 0, then roll them back: the positions kivi would keep
     // again were demoted meanwhile, and stay 2-bit.
     let mut batch = Batch::new(8).unwrap();
@@ -393,6 +395,10 @@ fn rollback_and_copy_keep_policy_and_cache_in_step() {
     batch.clear();
     batch.add(tokens[0], 70, 1, false).unwrap();
     assert!(ctx.decode(&batch).is_err());
+    // After clear nothing is held, and the stats say so without another decode.
+    ctx.clear();
+    assert_eq!(ctx.overlay().unwrap().slots_used, 0);
+    assert!(ctx.full_precision(0).unwrap().is_empty());
 }
 
 #[test]
@@ -423,4 +429,18 @@ fn bad_two_tier_requests_fail_cleanly() {
     let out = logquant(&["run", "-m", m, "-p", "hello", "-n", "4", "--temp", "0", "--kv", "logquant:D=30", "--json"]);
     assert!(out.status.success(), "{}", common::stderr(&out));
     assert!(common::stdout(&out).contains("logquant:D=30"));
+}
+
+#[test]
+fn the_overlay_is_enabled_once_and_not_over_tokens() {
+    let model = tiny();
+    let n_vocab = model.model.n_vocab();
+    let mut two = context(&model, "logquant:D=16", 256, 1, 8);
+    let e = two.enable_overlay(8).unwrap_err().to_string();
+    assert!(e.contains("already enabled"), "{e}");
+    // A context that holds tokens is refused.
+    let mut plain = context(&model, "q2", 256, 1, 8);
+    logits_by_step(&mut plain, &some_tokens(8, n_vocab), 8);
+    let e = plain.enable_overlay(8).unwrap_err().to_string();
+    assert!(e.contains("before the first token is decoded"), "{e}");
 }

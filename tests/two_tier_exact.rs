@@ -12,8 +12,10 @@
 mod common;
 
 use logquant::engine::{self, ContextConfig};
+use logquant::eval;
 use logquant::kvconfig::KvConfig;
 use logquant::llama::{Batch, ModelParams};
+use logquant::progress::Progress;
 
 #[test]
 fn keeping_every_token_is_the_f16_cache_bit_for_bit_without_rotation() {
@@ -43,4 +45,16 @@ fn keeping_every_token_is_the_f16_cache_bit_for_bit_without_rotation() {
         }
     }
     assert_eq!(all.full_precision(0).unwrap().len(), 240, "every token stayed in the overlay");
+
+    // The same on the real model, whose sliding-window layers have a cache (and an
+    // overlay) of their own: 640 tokens through both, every one kept.
+    let Some(path) = common::real_model() else { return };
+    let real = engine::load_model(&path, &ModelParams::default()).unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let tokens = real.model.tokenize(&text, true).unwrap()[..640].to_vec();
+    let kv = KvConfig::parse_list("logquant:D=800").unwrap();
+    let opts = eval::EvalOptions { tokens: tokens.len(), step: 16, context: ContextConfig::new(0) };
+    let r = eval::evaluate(&real, &tokens, &kv, &opts, &mut Progress::hidden()).unwrap();
+    assert_eq!((r.rows[0].mean_kld, r.rows[0].top1_agreement), (0.0, 100.0));
+    assert_eq!(r.rows[0].perplexity, r.reference.perplexity);
 }

@@ -67,9 +67,11 @@ LLAMA_API bool logquant_lq2_dot(const void * blocks, const float * y, int64_t n,
 // The policy lives with the caller: after each llama_decode it tells the cache, per
 // sequence, which positions stay at full precision; the rest are demoted (their slot
 // is freed; the 2-bit copy was written with the token, so no data moves). Every token
-// written gets a slot, so size the overlay as the policy's budget plus the tokens one
-// llama_decode writes per sequence (n_ubatch); when it is full, new tokens stay 2-bit
-// and count as misses.
+// written gets a slot, so size the overlay as the policy's budget plus the most tokens
+// one llama_decode writes into one KV stream (up to n_batch); when it is full, new
+// tokens stay 2-bit and count as misses. One KV stream per sequence (kv_unified off).
+// Tokens restored by llama_state_* or shifted by llama_memory_seq_add/div are 2-bit
+// only afterwards. The kernels run on the CPU backend only (CPU-resident KV).
 //
 // Functions returning int32_t/int64_t give a negative LOGQUANT_ERR_* on failure;
 // logquant_last_error() then describes it (per thread, until the next failure).
@@ -84,8 +86,10 @@ LLAMA_API const char * logquant_last_error(void);
 
 // Adds an overlay of n_slots tokens per KV stream (capped at the cache size) to every
 // KV cache of ctx (two on models with sliding-window layers), in the buffer types of
-// the layers' K and V. Call on a fresh context (no token decoded) created with flash
-// attention on. n_slots = 0 is allowed: every token stays 2-bit, through the same
+// the layers' K and V. Call on a fresh context, before its first llama_decode, created
+// with flash attention on: a context that holds tokens is refused, but one that decoded
+// and was cleared is not detected, and llama.cpp could reuse a graph it built before
+// (without the overlay's operations). n_slots = 0 is allowed: every token stays 2-bit, through the same
 // attention kernel. Returns 0 on success.
 LLAMA_API int32_t logquant_overlay_enable(struct llama_context * ctx, uint32_t n_slots);
 

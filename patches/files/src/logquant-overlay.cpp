@@ -31,6 +31,9 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots)
         if (layer.k == nullptr || layer.v == nullptr || layer.k->buffer == nullptr || layer.k->data == nullptr) {
             throw std::runtime_error("the KV cache has no allocated K and V tensors (no_alloc context or MLA model)");
         }
+        if (!ggml_backend_buffer_is_host(layer.k->buffer)) {
+            throw std::runtime_error("the KV cache lives on an accelerator, where the two-tier kernels do not run yet (CPU only)");
+        }
         ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
         auto it = ctx_for.find(buft);
         if (it == ctx_for.end()) {
@@ -76,7 +79,7 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots)
     state.n_cells      = int32_t(n_cells);
     state.slot_to_cell = slot_to_cell.data();
     state.cell_to_slot = cell_to_slot.data();
-    layer_params.assign(kv.layers.size(), logquant_attn_layer{ &state, 1.0f, 0.0f, 0.0f });
+    layer_params.assign(kv.hparams.n_layer(), logquant_attn_layer{ &state, 1.0f, 0.0f, 0.0f });
 }
 
 void logquant_overlay::free_slot(uint32_t strm, int32_t slot) {
@@ -129,19 +132,44 @@ void logquant_overlay::on_ubatch(const llama_kv_cache::slot_info & sinfo, const 
     state.token_row = token_row.data();
 }
 
-void logquant_overlay::copy_stream(uint32_t ssrc, uint32_t sdst) {
+void logquant_overlay::copy_maps(uint32_t ssrc, uint32_t sdst) {
     std::copy_n(slot_to_cell.begin() + size_t(ssrc)*n_slots, n_slots, slot_to_cell.begin() + size_t(sdst)*n_slots);
     std::copy_n(cell_to_slot.begin() + size_t(ssrc)*n_cells, n_cells, cell_to_slot.begin() + size_t(sdst)*n_cells);
     free_slots[sdst] = free_slots[ssrc];
-    if (n_slots == 0) {
-        return;
-    }
-    for (size_t il = 0; il < k_ov.size(); ++il) {
+}
+
+void logquant_overlay::copy_stream(uint32_t ssrc, uint32_t sdst) {
+    for (size_t il = 0; il < k_ov.size() && n_slots > 0; ++il) {
         for (ggml_tensor * t : { k_ov[il], v_ov[il] }) {
             const size_t n = t->nb[1]*n_slots;
             std::vector<uint8_t> tmp(n);
             ggml_backend_tensor_get(t, tmp.data(), n*ssrc, n);
             ggml_backend_tensor_set(t, tmp.data(), n*sdst, n);
+        }
+    }
+}
+
+void logquant_overlay::drop_shifted() {
+    for (uint32_t strm = 0; strm < n_stream; ++strm) {
+        const auto & cells = kv.v_cells[strm];
+        for (uint32_t slot = 0; slot < n_slots; ++slot) {
+            const int32_t c = slot_to_cell[size_t(strm)*n_slots + slot];
+            if (c >= 0 && !cells.is_empty(c) && cells.get_shift(c) != 0) {
+                free_slot(strm, int32_t(slot));
+            }
+        }
+    }
+}
+
+void logquant_overlay::forget(llama_seq_id seq) {
+    sweep();
+    for (uint32_t strm = 0; strm < n_stream; ++strm) {
+        const auto & cells = kv.v_cells[strm];
+        for (uint32_t slot = 0; slot < n_slots; ++slot) {
+            const int32_t c = slot_to_cell[size_t(strm)*n_slots + slot];
+            if (c >= 0 && (seq < 0 || cells.seq_has(c, seq))) {
+                free_slot(strm, int32_t(slot));
+            }
         }
     }
 }
@@ -173,7 +201,8 @@ std::vector<llama_pos> logquant_overlay::full_precision(llama_seq_id seq) {
     return res;
 }
 
-uint32_t logquant_overlay::slots_used() const {
+uint32_t logquant_overlay::slots_used() {
+    sweep();
     uint32_t used = 0;
     for (uint32_t strm = 0; strm < n_stream; ++strm) {
         used += n_slots - uint32_t(free_slots[strm].size());
@@ -185,7 +214,7 @@ ggml_tensor * logquant_overlay::build_attn(ggml_context * ctx, ggml_tensor * q, 
                                            ggml_tensor * k, ggml_tensor * v, ggml_tensor * kq_mask, float kq_scale,
                                            const llama_hparams & hparams, int il) {
     const int32_t ikv = kv.map_layer_ids.at(il);
-    logquant_attn_layer & lp = layer_params[ikv];
+    logquant_attn_layer & lp = layer_params.at(il);
     lp.scale         = kq_scale;
     lp.max_bias      = hparams.f_max_alibi_bias;
     lp.logit_softcap = hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f;
@@ -272,6 +301,12 @@ int32_t logquant_overlay_enable(struct llama_context * ctx, uint32_t n_slots) {
         if (layer.attn_sinks != nullptr) {
             return fail(LOGQUANT_ERR_UNSUPPORTED, "models with attention sinks are not supported by the two-tier cache");
         }
+    }
+    if (model.arch == LLM_ARCH_T5 || model.arch == LLM_ARCH_T5ENCODER) {
+        return fail(LOGQUANT_ERR_UNSUPPORTED, "models with a relative-position attention bias (T5) are not supported by the two-tier cache");
+    }
+    if (ctx->get_cparams().kv_unified && llama_n_seq_max(ctx) > 1) {
+        return fail(LOGQUANT_ERR_UNSUPPORTED, "a unified KV cache shared by several sequences is not supported by the two-tier cache (one stream per sequence: kv_unified = false)");
     }
     llama_memory_t mem = llama_get_memory(ctx);
     for (llama_seq_id s = 0; s < (llama_seq_id) llama_n_seq_max(ctx); ++s) {
@@ -376,6 +411,11 @@ bool logquant_attn_run(const struct logquant_attn_case * c) {
     ggml_cpu_init();
 
     const int64_t rows = std::max<int64_t>(c->n_slots, 1);
+    // ggml_init aborts when it cannot allocate: keep test cases to a sane size.
+    if (int64_t(c->n_kv) * c->n_head_kv * D > (int64_t(1) << 26) || int64_t(c->n_tokens) * c->n_head * D > (int64_t(1) << 26) ||
+        int64_t(c->n_kv) * c->n_tokens > (int64_t(1) << 26) || rows * c->n_head_kv * D > (int64_t(1) << 26)) {
+        return false;
+    }
     const size_t data = sizeof(float)*D*c->n_head*c->n_tokens*2 + 2*ggml_row_size(GGML_TYPE_LQ2, D)*c->n_head_kv*c->n_kv +
                         2*sizeof(ggml_fp16_t)*D*c->n_head_kv*rows + sizeof(ggml_fp16_t)*c->n_kv*c->n_tokens;
     ggml_init_params params = { data + 64*ggml_tensor_overhead() + ggml_graph_overhead() + (1 << 16), nullptr, false };

@@ -35,8 +35,19 @@ struct logquant_overlay {
     // the token at 2 bits only and counts a miss).
     void on_ubatch(const llama_kv_cache::slot_info & sinfo, const llama_ubatch & ubatch);
 
-    // Hook: stream ssrc was copied to sdst (cross-stream llama_memory_seq_cp).
+    // Hook: cross-stream llama_memory_seq_cp copied the cells of ssrc to sdst; the
+    // slot maps follow at once (copy_maps), the f16 data when llama.cpp copies the
+    // store's data, in llama_kv_cache::update (copy_stream).
+    void copy_maps(uint32_t ssrc, uint32_t sdst);
     void copy_stream(uint32_t ssrc, uint32_t sdst);
+
+    // Hook: llama.cpp re-ropes the store's K of shifted cells (seq_add, seq_div); their
+    // f16 copies keep the old positions, so they are demoted.
+    void drop_shifted();
+
+    // Hook: a state restore (llama_state_*) of seq (-1: all) is about to replace its
+    // cells; they are demoted, and the restored tokens are 2-bit only.
+    void forget(llama_seq_id seq);
 
     // Frees the slots of cells that no longer hold a token (seq_rm, clear).
     void sweep();
@@ -48,7 +59,7 @@ struct logquant_overlay {
     // Positions of seq held in the overlay, ascending.
     std::vector<llama_pos> full_precision(llama_seq_id seq);
 
-    uint32_t slots_used() const;
+    uint32_t slots_used();
 
     // The attention of layer il over both tiers; see logquant_build_attn.
     ggml_tensor * build_attn(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_cur, ggml_tensor * v_cur,
@@ -78,7 +89,7 @@ struct logquant_overlay {
     std::vector<int32_t> token_row;
 
     logquant_attn_state state = {};
-    std::vector<logquant_attn_layer> layer_params; // per KV layer; the ops' userdata
+    std::vector<logquant_attn_layer> layer_params; // per model layer; the ops' userdata
 };
 
 // The overlay of the cache behind mctx, or nullptr when it has none.

@@ -46,8 +46,13 @@ struct logquant_attn_layer {
 //   5 v_ov   [n_embd_v_gqa, n_slots*n_stream] f16 overlay
 //   6 (optional) the overlay write, for ordering only
 // Store cells that have an overlay slot are skipped; overlay slots take the mask
-// of the cell they hold. With no slot in use, the arithmetic is exactly that of
-// ggml's CPU flash attention for the store's types.
+// of the cell they hold. Each tier repeats the arithmetic of ggml's CPU flash
+// attention's per-row variant for its type (store: its vec_dot and to_float, f32
+// accumulator; overlay: f16 query and accumulator), and the tiers are merged by
+// log-sum-exp. So with no slot in use the result equals flash attention over the
+// store, and with every cell in the overlay flash attention over an f16 cache, bit
+// for bit, where ggml runs that per-row variant (below 64 queries per micro-batch
+// and, for one query, below 512 cells).
 void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * userdata);
 
 // Custom op: writes the micro-batch's K and V (f32, as stored into the cache) into
