@@ -6,12 +6,29 @@
 #include "simd-mappings.h"
 #include "vec.h"
 
+#include <algorithm>
 #include <math.h>
 #include <string.h>
 
 // Head sizes up to this fit the per-thread scratch on the stack (llama.cpp's models
 // use 64..256; MLA's 576 does not go through this path).
 #define LQ_MAX_HEAD 1024
+
+// Query heads one work item handles together (they share the V rows they read).
+#define LQ_MAX_GROUP 8
+
+// One query head's state in a work item: both tiers' online softmax.
+struct head_state {
+    float       VKQ[LQ_MAX_HEAD];   // store tier: f32 accumulator (as flash attention for quantized V)
+    ggml_fp16_t VKQ16[LQ_MAX_HEAD]; // overlay tier: f16 accumulator (as flash attention for f16 V)
+    float       Q_q[LQ_MAX_HEAD];   // q in the store's vec_dot type (at most f32-sized)
+    ggml_fp16_t Q16[LQ_MAX_HEAD];
+    float S1, M1, S2, M2;
+    float slope;
+    const ggml_fp16_t * mp;
+    const float * pq;
+    bool q_ready, q16_ready;
+};
 
 void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const logquant_attn_layer * layer = (const logquant_attn_layer *) userdata;
@@ -60,33 +77,58 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
     ggml_from_float_t const q_to_f16       = ggml_get_type_traits_cpu(GGML_TYPE_F16)->from_float;
     GGML_ASSERT(q_to_vec_dot && kq_vec_dot && (v_to_float || v->type == GGML_TYPE_F32));
 
-    float       VKQ[LQ_MAX_HEAD];  // store tier: f32 accumulator (as flash attention for quantized V)
-    ggml_fp16_t VKQ16[LQ_MAX_HEAD]; // overlay tier: f16 accumulator (as flash attention for f16 V)
-    float       V32[LQ_MAX_HEAD];
-    float       Q_q[LQ_MAX_HEAD]; // q in the store's vec_dot type (at most f32-sized)
-    ggml_fp16_t Q16[LQ_MAX_HEAD];
+    // ~100 KiB per thread: on the heap of the thread, reused across calls
+    static thread_local head_state G[LQ_MAX_GROUP];
+    float V32[LQ_MAX_HEAD];
+
+    // Work items: (stream, query, KV head, group of its query heads). The heads of a
+    // group share each store cell's dequantized V row (the costly part of a quantized
+    // V); everything else is per head, in the same order as flash attention's per-row
+    // loop, so the results are bitwise those of one head at a time. Groups are split
+    // until every thread has work.
+    const int64_t n_head_kv = k->ne[2];
+    const bool    shared_v  = rk2 == rv2;
+    const int64_t per_kv    = shared_v ? rk2 : 1; // heads that read one V head
+    const int64_t n_kv_item = shared_v ? n_head_kv : n_head;
+    const int64_t base      = N * n_kv_item * n_strm;
+    int64_t n_split = std::min<int64_t>(per_kv, (nth + base - 1) / base);
+    int64_t hp      = (per_kv + n_split - 1) / n_split;
+    hp      = std::min<int64_t>(hp, LQ_MAX_GROUP);
+    n_split = (per_kv + hp - 1) / hp;
 
     const int32_t n_slots = st->n_slots;
-    const int64_t n_rows  = N * n_head * n_strm;
+    const int64_t n_items = base * n_split;
 
-    for (int64_t ir = ith; ir < n_rows; ir += nth) {
-        const int64_t iq3 = ir / (n_head * N);
-        const int64_t iq2 = (ir - iq3 * n_head * N) / N;
-        const int64_t iq1 = ir - iq3 * n_head * N - iq2 * N;
-
-        const uint32_t h = (uint32_t) iq2;
-        const float slope = (max_bias > 0.0f) ? h < n_head_log2 ? powf(m0, h + 1) : powf(m1, 2*(h - n_head_log2) + 1) : 1.0f;
+    for (int64_t it = ith; it < n_items; it += nth) {
+        const int64_t part = it % n_split;
+        const int64_t rest = it / n_split;
+        const int64_t ikv  = rest % n_kv_item;
+        const int64_t iq1  = (rest / n_kv_item) % N;
+        const int64_t iq3  = rest / (n_kv_item * N);
+        const int64_t h0   = ikv * per_kv + part * hp;                 // first query head
+        const int64_t nh   = std::min<int64_t>(hp, (ikv + 1) * per_kv - h0); // heads in this item
 
         const int64_t strm = st->s0 + iq3;
         const int32_t * c2s = st->cell_to_slot + strm * st->n_cells;
         const int32_t * s2c = st->slot_to_cell + strm * n_slots;
 
-        const ggml_fp16_t * mp = (const ggml_fp16_t *) ((const char *) mask->data + iq1*mask->nb[1] + (iq2 % mask->ne[2])*mask->nb[2] + (iq3 % mask->ne[3])*mask->nb[3]);
+        const int64_t ik2 = h0 / rk2;
+        const int64_t iv2 = h0 / rv2;
 
-        const int64_t ik2 = iq2 / rk2;
-        const int64_t iv2 = iq2 / rv2;
-
-        const float * pq = (const float *) ((const char *) q->data + iq1*q->nb[1] + iq2*q->nb[2] + iq3*q->nb[3]);
+        for (int64_t j = 0; j < nh; ++j) {
+            const int64_t  iq2 = h0 + j;
+            const uint32_t h   = (uint32_t) iq2;
+            G[j].slope = (max_bias > 0.0f) ? h < n_head_log2 ? powf(m0, h + 1) : powf(m1, 2*(h - n_head_log2) + 1) : 1.0f;
+            G[j].mp = (const ggml_fp16_t *) ((const char *) mask->data + iq1*mask->nb[1] + (iq2 % mask->ne[2])*mask->nb[2] + (iq3 % mask->ne[3])*mask->nb[3]);
+            G[j].pq = (const float *) ((const char *) q->data + iq1*q->nb[1] + iq2*q->nb[2] + iq3*q->nb[3]);
+            G[j].S1 = 0.0f;
+            G[j].M1 = -INFINITY;
+            G[j].S2 = 0.0f;
+            G[j].M2 = -INFINITY;
+            G[j].q_ready = false;
+            G[j].q16_ready = false;
+            memset(G[j].VKQ, 0, DV * sizeof(float));
+        }
 
         // KQ value of one cell, scaled, capped and masked: flash attention's arithmetic
         auto score = [&](float s, float mv) {
@@ -100,109 +142,121 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
         // Tier 1: the quantized store minus the cells the overlay holds. Online softmax
         // with an f32 accumulator, step for step what ggml's CPU flash attention does
         // for a quantized V, so that with no overlay the result is bitwise the same.
-        float S1 = 0.0f;
-        float M1 = -INFINITY;
-        memset(VKQ, 0, DV * sizeof(float));
-        bool q_ready = false;
         for (int64_t ic = 0; ic < n_kv; ++ic) {
-            const float mv = slope * GGML_CPU_FP16_TO_FP32(mp[ic]);
-            if (mv == -INFINITY || c2s[ic] >= 0) {
+            if (c2s[ic] >= 0) {
                 continue;
             }
-            if (!q_ready) {
-                q_to_vec_dot(pq, Q_q, DK);
-                q_ready = true;
-            }
-            float s;
-            const char * k_data = (const char *) k->data + ic*k->nb[1] + ik2*k->nb[2] + iq3*k->nb[3];
-            kq_vec_dot(DK, &s, 0, k_data, 0, Q_q, 0, 1);
-            s = score(s, mv);
+            const float * vrow = nullptr;
+            for (int64_t j = 0; j < nh; ++j) {
+                head_state & g = G[j];
+                const float mv = g.slope * GGML_CPU_FP16_TO_FP32(g.mp[ic]);
+                if (mv == -INFINITY) {
+                    continue;
+                }
+                if (!g.q_ready) {
+                    q_to_vec_dot(g.pq, g.Q_q, DK);
+                    g.q_ready = true;
+                }
+                float s;
+                const char * k_data = (const char *) k->data + ic*k->nb[1] + ik2*k->nb[2] + iq3*k->nb[3];
+                kq_vec_dot(DK, &s, 0, k_data, 0, g.Q_q, 0, 1);
+                s = score(s, mv);
 
-            const float Mold = M1;
-            float ms = 1.0f;
-            float vs = 1.0f;
-            if (s > M1) {
-                M1 = s;
-                ms = expf(Mold - M1);
-                ggml_vec_scale_f32(DV, VKQ, ms);
-            } else {
-                vs = expf(s - M1);
+                const float Mold = g.M1;
+                float ms = 1.0f;
+                float vs = 1.0f;
+                if (s > g.M1) {
+                    g.M1 = s;
+                    ms = expf(Mold - g.M1);
+                    ggml_vec_scale_f32(DV, g.VKQ, ms);
+                } else {
+                    vs = expf(s - g.M1);
+                }
+                if (vrow == nullptr) {
+                    const char * v_data = (const char *) v->data + ic*v->nb[1] + iv2*v->nb[2] + iq3*v->nb[3];
+                    if (v_to_float) {
+                        v_to_float(v_data, V32, DV);
+                        vrow = V32;
+                    } else {
+                        vrow = (const float *) v_data;
+                    }
+                }
+                ggml_vec_mad_f32(DV, g.VKQ, vrow, vs);
+                g.S1 = g.S1*ms + vs;
             }
-            const char * v_data = (const char *) v->data + ic*v->nb[1] + iv2*v->nb[2] + iq3*v->nb[3];
-            if (v_to_float) {
-                v_to_float(v_data, V32, DV);
-                ggml_vec_mad_f32(DV, VKQ, V32, vs);
-            } else {
-                ggml_vec_mad_f32(DV, VKQ, (const float *) v_data, vs);
-            }
-            S1 = S1*ms + vs;
         }
 
         // Tier 2: the f16 overlay; each slot takes the mask of the cell it holds. The
         // arithmetic of flash attention over an f16 cache (f16 query, f16 accumulator),
         // so that with every token in the overlay the result is bitwise that of f16.
-        float S2 = 0.0f;
-        float M2 = -INFINITY;
-        bool q16_ready = false;
         for (int32_t slot = 0; slot < n_slots; ++slot) {
             const int32_t c = s2c[slot];
             if (c < 0 || c >= n_kv) {
                 continue;
             }
-            const float mv = slope * GGML_CPU_FP16_TO_FP32(mp[c]);
-            if (mv == -INFINITY) {
-                continue;
-            }
-            if (!q16_ready) {
-                q_to_f16(pq, Q16, DK);
-                memset(VKQ16, 0, DV * sizeof(ggml_fp16_t));
-                q16_ready = true;
-            }
             const int64_t row = strm * n_slots + slot;
             ggml_fp16_t * k_data = (ggml_fp16_t *) ((char *) kov->data + row*kov->nb[1]) + ik2*DK;
-            float s;
-            ggml_vec_dot_f16(DK, &s, 0, k_data, 0, Q16, 0, 1);
-            s = score(s, mv);
-
-            const float Mold = M2;
-            float ms = 1.0f;
-            float vs = 1.0f;
-            if (s > M2) {
-                M2 = s;
-                ms = expf(Mold - M2);
-                ggml_vec_scale_f16(DV, VKQ16, ms);
-            } else {
-                vs = expf(s - M2);
-            }
             const ggml_fp16_t * v_data = (const ggml_fp16_t *) ((const char *) vov->data + row*vov->nb[1]) + iv2*DV;
-            ggml_vec_mad_f16(DV, VKQ16, v_data, vs);
-            S2 = S2*ms + vs;
-        }
+            for (int64_t j = 0; j < nh; ++j) {
+                head_state & g = G[j];
+                const float mv = g.slope * GGML_CPU_FP16_TO_FP32(g.mp[c]);
+                if (mv == -INFINITY) {
+                    continue;
+                }
+                if (!g.q16_ready) {
+                    q_to_f16(g.pq, g.Q16, DK);
+                    memset(g.VKQ16, 0, DV * sizeof(ggml_fp16_t));
+                    g.q16_ready = true;
+                }
+                float s;
+                ggml_vec_dot_f16(DK, &s, 0, k_data, 0, g.Q16, 0, 1);
+                s = score(s, mv);
 
-        // One softmax over both tiers: merge the partial results by their log-sum-exp.
-        float S = S1;
-        if (S2 != 0.0f) {
-            if (S1 == 0.0f) {
-                for (int64_t d = 0; d < DV; ++d) {
-                    VKQ[d] = GGML_CPU_FP16_TO_FP32(VKQ16[d]);
+                const float Mold = g.M2;
+                float ms = 1.0f;
+                float vs = 1.0f;
+                if (s > g.M2) {
+                    g.M2 = s;
+                    ms = expf(Mold - g.M2);
+                    ggml_vec_scale_f16(DV, g.VKQ16, ms);
+                } else {
+                    vs = expf(s - g.M2);
                 }
-                S = S2;
-            } else {
-                const float M  = M1 > M2 ? M1 : M2;
-                const float a1 = expf(M1 - M);
-                const float a2 = expf(M2 - M);
-                for (int64_t d = 0; d < DV; ++d) {
-                    VKQ[d] = VKQ[d]*a1 + GGML_CPU_FP16_TO_FP32(VKQ16[d])*a2;
-                }
-                S = S1*a1 + S2*a2;
+                ggml_vec_mad_f16(DV, g.VKQ16, v_data, vs);
+                g.S2 = g.S2*ms + vs;
             }
         }
 
-        const float S_inv = S == 0.0f ? 0.0f : 1.0f/S;
-        ggml_vec_scale_f32(DV, VKQ, S_inv);
+        for (int64_t j = 0; j < nh; ++j) {
+            head_state & g = G[j];
+            const int64_t iq2 = h0 + j;
+            float * VKQ = g.VKQ;
 
-        // permute(0, 2, 1, 3), as flash attention writes its result
-        memcpy((char *) dst->data + (iq3*dst->ne[2]*dst->ne[1] + iq2 + iq1*dst->ne[1])*dst->nb[1], VKQ, dst->nb[1]);
+            // One softmax over both tiers: merge the partial results by their log-sum-exp.
+            float S = g.S1;
+            if (g.S2 != 0.0f) {
+                if (g.S1 == 0.0f) {
+                    for (int64_t d = 0; d < DV; ++d) {
+                        VKQ[d] = GGML_CPU_FP16_TO_FP32(g.VKQ16[d]);
+                    }
+                    S = g.S2;
+                } else {
+                    const float M  = g.M1 > g.M2 ? g.M1 : g.M2;
+                    const float a1 = expf(g.M1 - M);
+                    const float a2 = expf(g.M2 - M);
+                    for (int64_t d = 0; d < DV; ++d) {
+                        VKQ[d] = VKQ[d]*a1 + GGML_CPU_FP16_TO_FP32(g.VKQ16[d])*a2;
+                    }
+                    S = g.S1*a1 + g.S2*a2;
+                }
+            }
+
+            const float S_inv = S == 0.0f ? 0.0f : 1.0f/S;
+            ggml_vec_scale_f32(DV, VKQ, S_inv);
+
+            // permute(0, 2, 1, 3), as flash attention writes its result
+            memcpy((char *) dst->data + (iq3*dst->ne[2]*dst->ne[1] + iq2 + iq1*dst->ne[1])*dst->nb[1], VKQ, dst->nb[1]);
+        }
     }
 }
 
