@@ -52,10 +52,6 @@ impl<'m> Session<'m> {
         self.retention.as_ref()?.get(usize::try_from(seq).ok()?)
     }
 
-    pub fn policy(&self) -> Option<Policy> {
-        self.retention.as_ref().and_then(|r| r.first()).map(|r| r.policy())
-    }
-
     /// The overlay's state (None for a single-tier cache).
     pub fn overlay(&self) -> Option<OverlayStats> {
         self.ctx.overlay_stats()

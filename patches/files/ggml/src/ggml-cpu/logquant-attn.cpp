@@ -30,6 +30,22 @@ struct head_state {
     bool q_ready, q16_ready;
 };
 
+// One step of flash attention's online softmax for a cell scoring s: raises the running
+// maximum M to s when s is larger (then the accumulator must be scaled by ms, and
+// true is returned) and gives the cell's weight vs.
+static inline bool online_step(float s, float & M, float & ms, float & vs) {
+    ms = 1.0f;
+    vs = 1.0f;
+    if (s > M) {
+        const float Mold = M;
+        M  = s;
+        ms = expf(Mold - M);
+        return true;
+    }
+    vs = expf(s - M);
+    return false;
+}
+
 void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const logquant_attn_layer * layer = (const logquant_attn_layer *) userdata;
     const logquant_attn_state * st    = layer->state;
@@ -162,15 +178,9 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
                 kq_vec_dot(DK, &s, 0, k_data, 0, g.Q_q, 0, 1);
                 s = score(s, mv);
 
-                const float Mold = g.M1;
-                float ms = 1.0f;
-                float vs = 1.0f;
-                if (s > g.M1) {
-                    g.M1 = s;
-                    ms = expf(Mold - g.M1);
+                float ms, vs;
+                if (online_step(s, g.M1, ms, vs)) {
                     ggml_vec_scale_f32(DV, g.VKQ, ms);
-                } else {
-                    vs = expf(s - g.M1);
                 }
                 if (vrow == nullptr) {
                     const char * v_data = (const char *) v->data + ic*v->nb[1] + iv2*v->nb[2] + iq3*v->nb[3];
@@ -212,15 +222,9 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
                 ggml_vec_dot_f16(DK, &s, 0, k_data, 0, g.Q16, 0, 1);
                 s = score(s, mv);
 
-                const float Mold = g.M2;
-                float ms = 1.0f;
-                float vs = 1.0f;
-                if (s > g.M2) {
-                    g.M2 = s;
-                    ms = expf(Mold - g.M2);
+                float ms, vs;
+                if (online_step(s, g.M2, ms, vs)) {
                     ggml_vec_scale_f16(DV, g.VKQ16, ms);
-                } else {
-                    vs = expf(s - g.M2);
                 }
                 ggml_vec_mad_f16(DV, g.VKQ16, v_data, vs);
                 g.S2 = g.S2*ms + vs;
