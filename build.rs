@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Bumped when the cache key's meaning changes, so stale objects are never reused.
-const CACHE_VERSION: &str = "1";
+const CACHE_VERSION: &str = "2";
 
 fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -55,10 +55,10 @@ fn main() {
     let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap();
     let units = source_units(&tree, backend, &target_arch);
 
-    let flags = Flags::new(&tree, &gen, backend, &target_arch, &target_os);
+    let flags = Flags::new(&tree, &gen, &out, backend, &target_arch, &target_os);
     let cache = object_cache_dir(&out);
-    let headers_hash = hash_headers(&[&tree, &gen]);
-    let objects = compile_all(&tree, &gen, &units, &flags, &cache, headers_hash);
+    let scanner = IncludeScanner::new(&tree, &gen);
+    let objects = compile_all(&tree, &gen, &units, &flags, &cache, &scanner);
 
     let lib = out.join("libllama_logquant.a");
     archive(&lib, &objects);
@@ -71,6 +71,9 @@ fn main() {
             println!("cargo:rustc-link-lib=dylib=pthread");
             println!("cargo:rustc-link-lib=dylib=m");
         }
+    }
+    if let Some(tk) = &flags.cuda {
+        tk.link(&out);
     }
     println!("cargo:rustc-env=LOGQUANT_CPU_FLAGS={}", flags.cpu_target.join(" "));
 }
@@ -194,10 +197,18 @@ fn write_if_changed(path: &Path, text: &str) {
     }
 }
 
+/// The language of a source file, and so its compiler.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lang {
+    C,
+    Cpp,
+    Cuda,
+}
+
 /// One source file to compile, relative to the tree.
 struct Unit {
     path: PathBuf,
-    cpp: bool,
+    lang: Lang,
 }
 
 fn source_units(tree: &Path, backend: Backend, target_arch: &str) -> Vec<Unit> {
@@ -262,14 +273,177 @@ fn source_units(tree: &Path, backend: Backend, target_arch: &str) -> Vec<Unit> {
     }
     match backend {
         Backend::Cpu => {}
-        Backend::Cuda => fail(
-            "the `cuda` feature is designed but not built yet: the CUDA backend (issue 5) is not in this version. Build without --features cuda.",
-        ),
+        Backend::Cuda => rel.extend(cuda_sources(tree)),
         Backend::Metal => fail(
             "the `metal` feature is designed but not built yet: the Metal backend is not in this version. Build without --features metal.",
         ),
     }
-    rel.into_iter().map(|r| Unit { cpp: !r.ends_with(".c"), path: PathBuf::from(r) }).collect()
+    rel.into_iter()
+        .map(|r| {
+            let lang = if r.ends_with(".cu") {
+                Lang::Cuda
+            } else if r.ends_with(".c") {
+                Lang::C
+            } else {
+                Lang::Cpp
+            };
+            Unit { lang, path: PathBuf::from(r) }
+        })
+        .collect()
+}
+
+/// The flash-attention K-V type pairs whose vector kernels are compiled: llama.cpp's
+/// CMake default (GGML_CUDA_FA_QUANTS), so the stock cache types run as upstream's do.
+const CUDA_FA_PAIRS: [&str; 4] = ["f16-f16", "q4_0-q4_0", "q8_0-q8_0", "bf16-bf16"];
+const CUDA_FA_TYPES: [&str; 7] = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16", "f16"];
+
+/// ggml-cuda's sources, chosen as its CMakeLists.txt does (with LogQuant's .cu files,
+/// which patches/files puts in the same folder).
+fn cuda_sources(tree: &Path) -> Vec<String> {
+    let dir = "ggml/src/ggml-cuda";
+    let list = |sub: &str, keep: &dyn Fn(&str) -> bool| -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(tree.join(dir).join(sub))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cu") && keep(n))
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|n| if sub.is_empty() { format!("{dir}/{n}") } else { format!("{dir}/{sub}/{n}") })
+            .collect()
+    };
+    let mut out = list("", &|_| true);
+    out.extend(list("template-instances", &|n| {
+        ["fattn-tile", "fattn-mma", "mmq", "mmf"].iter().any(|p| n.starts_with(p))
+            || CUDA_FA_PAIRS.iter().any(|pair| n == format!("fattn-vec-instance-{pair}.cu"))
+    }));
+    out
+}
+
+/// Where the CUDA toolkit is: LOGQUANT_CUDA_PATH, CUDA_PATH or CUDA_HOME, else the
+/// folder above the `nvcc` on PATH, else /usr/local/cuda.
+struct CudaToolkit {
+    nvcc: PathBuf,
+    include: PathBuf,
+    lib: PathBuf,
+    /// libcuda (the driver) can be linked: ggml's virtual-memory pool is used.
+    driver: bool,
+    archs: Vec<String>,
+}
+
+impl CudaToolkit {
+    fn find(out: &Path) -> CudaToolkit {
+        for var in ["LOGQUANT_CUDA_PATH", "CUDA_PATH", "CUDA_HOME", "LOGQUANT_CUDA_ARCHS", "PATH"] {
+            println!("cargo:rerun-if-env-changed={var}");
+        }
+        let from_env = ["LOGQUANT_CUDA_PATH", "CUDA_PATH", "CUDA_HOME"]
+            .iter()
+            .find_map(|v| env::var_os(v).filter(|s| !s.is_empty()).map(PathBuf::from));
+        let from_path = || {
+            env::var_os("PATH").and_then(|paths| {
+                env::split_paths(&paths)
+                    .find(|p| p.join("nvcc").is_file())
+                    .and_then(|bin| bin.parent().map(Path::to_path_buf))
+            })
+        };
+        let root = from_env.or_else(from_path).unwrap_or_else(|| PathBuf::from("/usr/local/cuda"));
+        let nvcc = root.join("bin/nvcc");
+        if !nvcc.is_file() {
+            fail(&format!(
+                "the `cuda` feature needs the CUDA toolkit (13.0, or 12.x from 12.4): no nvcc at {}. \
+                 Set CUDA_PATH to the toolkit, put its bin/ on PATH, or run scripts/cuda-toolkit.sh \
+                 (installs NVIDIA's CUDA 13.0 wheels from PyPI into .cuda/) and set CUDA_PATH=$PWD/.cuda.",
+                nvcc.display()
+            ));
+        }
+        let include = root.join("include");
+        let lib = ["lib64", "lib", "targets/x86_64-linux/lib"]
+            .iter()
+            .map(|d| root.join(d))
+            .find(|d| {
+                d.join("libcudart.so").exists()
+                    || d.join("libcudart.so.13").exists()
+                    || d.join("libcudart.so.12").exists()
+            })
+            .unwrap_or_else(|| fail(&format!("no libcudart in the CUDA toolkit at {}", root.display())));
+        // Pip's wheels ship only the versioned names (libcudart.so.13): link those
+        // through unversioned links of our own.
+        let links = out.join("cuda-lib");
+        fs::create_dir_all(&links).unwrap();
+        for name in ["cudart", "cublas", "cublasLt"] {
+            let plain = lib.join(format!("lib{name}.so"));
+            if plain.exists() {
+                continue;
+            }
+            let versioned =
+                ["13", "12"].iter().map(|v| lib.join(format!("lib{name}.so.{v}"))).find(|p| p.exists()).unwrap_or_else(
+                    || fail(&format!("no lib{name}.so in {}: install cuBLAS with the toolkit", lib.display())),
+                );
+            let link = links.join(format!("lib{name}.so"));
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(&versioned, &link).unwrap();
+        }
+        let driver = lib.join("libcuda.so").exists() || lib.join("stubs/libcuda.so").exists();
+        let archs: Vec<String> = env::var("LOGQUANT_CUDA_ARCHS")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| "90".into())
+            .split([',', ';', ' '])
+            .filter(|s| !s.is_empty())
+            .map(|s| s.to_string())
+            .collect();
+        for a in &archs {
+            if !a.chars().all(|c| c.is_ascii_digit()) || a.len() < 2 {
+                fail(&format!("LOGQUANT_CUDA_ARCHS: `{a}` is not a compute capability like 90 (H100/H200) or 86"));
+            }
+        }
+        CudaToolkit { nvcc, include, lib, driver, archs }
+    }
+
+    fn link(&self, out: &Path) {
+        println!("cargo:rustc-link-search=native={}", out.join("cuda-lib").display());
+        println!("cargo:rustc-link-search=native={}", self.lib.display());
+        if self.lib.join("stubs").exists() {
+            println!("cargo:rustc-link-search=native={}", self.lib.join("stubs").display());
+        }
+        for lib in ["cudart", "cublas", "cublasLt"] {
+            println!("cargo:rustc-link-lib=dylib={lib}");
+        }
+        if self.driver {
+            println!("cargo:rustc-link-lib=dylib=cuda");
+        }
+        // The toolkit's libraries for runs on the build machine; elsewhere the system's.
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", self.lib.display());
+    }
+
+    /// nvcc's own flags: llama.cpp's CMake ones (fast math, extended lambdas, compressed
+    /// fat binaries), machine code plus PTX for each architecture.
+    fn flags(&self) -> Vec<String> {
+        let mut f: Vec<String> =
+            ["-O3", "-std=c++17", "-use_fast_math", "-extended-lambda", "-compress-mode=size", "-w"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        f.push("-Xcompiler=-fPIC,-w".into());
+        for a in &self.archs {
+            f.push(format!("-gencode=arch=compute_{a},code=[sm_{a},compute_{a}]"));
+        }
+        f.push("-DGGML_CUDA_USE_GRAPHS".into());
+        if !self.driver {
+            f.push("-DGGML_CUDA_NO_VMM".into());
+        }
+        f.push(format!("-DGGML_CUDA_FA_QUANTS=\"{}\"", CUDA_FA_PAIRS[1..].join(",")));
+        for tv in CUDA_FA_TYPES {
+            for tk in CUDA_FA_TYPES {
+                let on = CUDA_FA_PAIRS.contains(&format!("{tk}-{tv}").as_str());
+                f.push(format!("-DGGML_CUDA_FA_{}_{}={}", tk.to_uppercase(), tv.to_uppercase(), on as u8));
+            }
+        }
+        f.push(format!("-I{}", self.include.display()));
+        f
+    }
 }
 
 struct Flags {
@@ -277,12 +451,13 @@ struct Flags {
     cxx: cc::Tool,
     common: Vec<String>,
     cpu_target: Vec<String>,
-    /// `--version` of the C and C++ compilers: an upgrade in place invalidates the cache.
+    cuda: Option<CudaToolkit>,
+    /// `--version` of the compilers: an upgrade in place invalidates the cache.
     versions: String,
 }
 
 impl Flags {
-    fn new(tree: &Path, gen: &Path, backend: Backend, target_arch: &str, target_os: &str) -> Flags {
+    fn new(tree: &Path, gen: &Path, out: &Path, backend: Backend, target_arch: &str, target_os: &str) -> Flags {
         // llama.cpp is always optimised, also in `cargo test` (debug) builds: a -O0
         // llama.cpp makes every test on a model many times slower.
         let tool = |cpp: bool| {
@@ -295,36 +470,60 @@ impl Flags {
             _ => &["-D_XOPEN_SOURCE=600"],
         };
         let mut common: Vec<String> =
-            ["-DNDEBUG", "-DGGML_USE_CPU", "-DGGML_USE_LLAMAFILE", "-DGGML_SCHED_MAX_COPIES=4", "-pthread", "-w"]
+            ["-DNDEBUG", "-DGGML_USE_CPU", "-DGGML_USE_LLAMAFILE", "-DGGML_SCHED_MAX_COPIES=4", "-w"]
                 .iter()
                 .chain(platform)
                 .map(|s| s.to_string())
                 .collect();
-        if backend == Backend::Cuda {
+        let cuda = (backend == Backend::Cuda).then(|| CudaToolkit::find(out));
+        if cuda.is_some() {
             common.push("-DGGML_USE_CUDA".into());
         }
-        for inc in ["ggml/include", "ggml/src", "ggml/src/ggml-cpu", "include", "src"] {
-            common.push(format!("-I{}", tree.join(inc).display()));
+        for inc in include_dirs(tree, gen) {
+            common.push(format!("-I{}", inc.display()));
         }
-        common.push(format!("-I{}", gen.display()));
         let (c, cxx) = (tool(false), tool(true));
-        let version = |t: &cc::Tool| {
-            Command::new(t.path())
+        let version = |p: &Path| {
+            Command::new(p)
                 .arg("--version")
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default()
         };
-        let versions = version(&c) + &version(&cxx);
-        Flags { c, cxx, common, cpu_target: cpu_target_flags(target_arch), versions }
+        let mut versions = version(c.path()) + &version(cxx.path());
+        if let Some(tk) = &cuda {
+            versions += &version(&tk.nvcc);
+        }
+        Flags { c, cxx, common, cpu_target: cpu_target_flags(target_arch), cuda, versions }
+    }
+
+    /// The compiler and its arguments for a unit, without the source and object paths.
+    fn argv(&self, unit: &Unit) -> (PathBuf, Vec<String>) {
+        let host = |t: &cc::Tool| t.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>();
+        match unit.lang {
+            Lang::C | Lang::Cpp => {
+                let tool = if unit.lang == Lang::Cpp { &self.cxx } else { &self.c };
+                let mut args = host(tool);
+                args.push(if unit.lang == Lang::Cpp { "-std=gnu++17" } else { "-std=gnu11" }.into());
+                args.push("-pthread".into());
+                args.extend(self.common.iter().cloned());
+                args.extend(self.cpu_target.iter().cloned());
+                (tool.path().to_path_buf(), args)
+            }
+            Lang::Cuda => {
+                let tk = self.cuda.as_ref().expect("a .cu unit in a build without CUDA");
+                let mut args = vec![format!("-ccbin={}", self.cxx.path().display())];
+                args.extend(tk.flags());
+                args.extend(self.common.iter().cloned());
+                (tk.nvcc.clone(), args)
+            }
+        }
     }
 
     fn command(&self, unit: &Unit, src: &Path, obj: &Path) -> Command {
-        let tool = if unit.cpp { &self.cxx } else { &self.c };
-        let mut cmd = tool.to_command();
-        cmd.arg(if unit.cpp { "-std=gnu++17" } else { "-std=gnu11" });
-        cmd.args(&self.common).args(&self.cpu_target);
-        cmd.arg("-c").arg(src).arg("-o").arg(obj);
+        let (program, args) = self.argv(unit);
+        let mut cmd = Command::new(program);
+        cmd.args(args).arg("-c").arg(src).arg("-o").arg(obj);
         cmd
     }
 
@@ -332,21 +531,23 @@ impl Flags {
     /// ours. Paths into OUT_DIR are left out (they differ between `cargo build` and
     /// `cargo clippy` of the same code), and so is the environment.
     fn describe(&self, unit: &Unit, tree: &Path, gen: &Path) -> String {
-        let tool = if unit.cpp { &self.cxx } else { &self.c };
-        let mut key = format!("{}|{}|{}", tool.path().display(), self.versions, if unit.cpp { "c++" } else { "c" });
-        for arg in tool
-            .args()
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .chain(self.common.iter().cloned())
-            .chain(self.cpu_target.iter().cloned())
-        {
+        let (program, args) = self.argv(unit);
+        let mut key = format!("{}|{}", program.display(), self.versions);
+        for arg in args {
             let arg = arg.replace(&tree.display().to_string(), "<tree>").replace(&gen.display().to_string(), "<gen>");
             key.push('|');
             key.push_str(&arg);
         }
         key
     }
+}
+
+/// The folders searched for quoted and angled includes of the tree's own headers.
+fn include_dirs(tree: &Path, gen: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        ["ggml/include", "ggml/src", "ggml/src/ggml-cpu", "include", "src"].iter().map(|d| tree.join(d)).collect();
+    dirs.push(gen.to_path_buf());
+    dirs
 }
 
 /// The instruction set the CPU kernels are compiled for. The default must run on
@@ -375,34 +576,64 @@ fn object_cache_dir(out: &Path) -> PathBuf {
     dir
 }
 
-/// One hash over every header of the given folders (the tree and the generated
-/// version headers): a change to any header recompiles everything.
-fn hash_headers(dirs: &[&Path]) -> u64 {
-    let mut h = DefaultHasher::new();
-    for dir in dirs {
-        let mut files = Vec::new();
-        collect_files(
-            dir,
-            &mut |p| matches!(p.extension().and_then(|e| e.to_str()).unwrap_or(""), "h" | "hpp" | "inc" | "cuh"),
-            &mut files,
-        );
-        files.sort();
-        for f in files {
-            h.write(f.strip_prefix(dir).unwrap().to_string_lossy().as_bytes());
-            h.write(&fs::read(&f).unwrap());
-        }
-    }
-    h.finish()
+/// The hash of every header of the tree a source includes, directly or through other
+/// headers (quoted or angled includes found beside the includer or in the include
+/// folders; conditional ones count too). A change to a header recompiles only the
+/// units that can see it: LogQuant's headers do not rebuild ggml-cuda's 140 units.
+struct IncludeScanner {
+    dirs: Vec<PathBuf>,
+    includes: Mutex<std::collections::HashMap<PathBuf, Vec<PathBuf>>>,
 }
 
-fn collect_files(dir: &Path, keep: &mut dyn FnMut(&Path) -> bool, out: &mut Vec<PathBuf>) {
-    for entry in fs::read_dir(dir).unwrap().filter_map(|e| e.ok()) {
-        let p = entry.path();
-        if entry.file_type().unwrap().is_dir() {
-            collect_files(&p, keep, out);
-        } else if keep(&p) {
-            out.push(p);
+impl IncludeScanner {
+    fn new(tree: &Path, gen: &Path) -> IncludeScanner {
+        IncludeScanner { dirs: include_dirs(tree, gen), includes: Mutex::new(Default::default()) }
+    }
+
+    /// The tree's headers that `file` includes itself.
+    fn direct(&self, file: &Path) -> Vec<PathBuf> {
+        if let Some(found) = self.includes.lock().unwrap().get(file) {
+            return found.clone();
         }
+        let text = fs::read_to_string(file).unwrap_or_default();
+        let mut found = Vec::new();
+        for line in text.lines() {
+            let Some(rest) = line.trim_start().strip_prefix('#') else { continue };
+            let Some(rest) = rest.trim_start().strip_prefix("include") else { continue };
+            let rest = rest.trim();
+            let name = match rest.chars().next() {
+                Some('"') => rest[1..].split('"').next(),
+                Some('<') => rest[1..].split('>').next(),
+                _ => None,
+            };
+            let Some(name) = name else { continue };
+            let here = file.parent().map(|d| d.join(name));
+            if let Some(p) = here.into_iter().chain(self.dirs.iter().map(|d| d.join(name))).find(|p| p.is_file()) {
+                found.push(p);
+            }
+        }
+        self.includes.lock().unwrap().insert(file.to_path_buf(), found.clone());
+        found
+    }
+
+    fn hash(&self, src: &Path, tree: &Path) -> u64 {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut todo = self.direct(src);
+        while let Some(h) = todo.pop() {
+            let h = fs::canonicalize(&h).unwrap_or(h);
+            if seen.insert(h.clone()) {
+                todo.extend(self.direct(&h));
+            }
+        }
+        let mut hasher = DefaultHasher::new();
+        let tree = fs::canonicalize(tree).unwrap_or_else(|_| tree.to_path_buf());
+        for h in seen {
+            // relative names: the key must not depend on where OUT_DIR is
+            let name = h.strip_prefix(&tree).map(|p| p.to_string_lossy().into_owned());
+            hasher.write(name.unwrap_or_else(|_| h.file_name().unwrap().to_string_lossy().into_owned()).as_bytes());
+            hasher.write(&fs::read(&h).unwrap_or_default());
+        }
+        hasher.finish()
     }
 }
 
@@ -413,7 +644,7 @@ fn compile_all(
     units: &[Unit],
     flags: &Flags,
     cache: &Path,
-    headers_hash: u64,
+    scanner: &IncludeScanner,
 ) -> Vec<PathBuf> {
     let jobs: usize = env::var("NUM_JOBS").ok().and_then(|s| s.parse().ok()).unwrap_or(2).max(1);
     let next = AtomicUsize::new(0);
@@ -433,7 +664,7 @@ fn compile_all(
                 let mut h = DefaultHasher::new();
                 h.write(CACHE_VERSION.as_bytes());
                 h.write(&text);
-                h.write_u64(headers_hash);
+                h.write_u64(scanner.hash(&src, tree));
                 h.write(flags.describe(unit, tree, gen).as_bytes());
                 let stem = unit.path.to_string_lossy().replace(['/', '.'], "_");
                 let obj = cache.join(format!("{stem}-{:016x}.o", h.finish()));

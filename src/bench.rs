@@ -220,8 +220,18 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
     Ok(rows)
 }
 
+/// The CPU (see cpu_description) and, when layers are offloaded, the GPUs.
+pub fn machine_description(gpu_layers: i32) -> String {
+    let gpus = if gpu_layers != 0 { crate::llama::gpu_devices() } else { Vec::new() };
+    if gpus.is_empty() {
+        cpu_description()
+    } else {
+        format!("{}; CPU {}", gpus.join(", "), cpu_description())
+    }
+}
+
 /// "model name" of the first CPU and the core count, e.g. "Intel Xeon ..., 2 cores".
-pub fn machine_description() -> String {
+pub fn cpu_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {

@@ -43,9 +43,9 @@ pub enum EngineError {
     #[error("the two-tier cache ({kv}) needs flash attention; drop --flash-attn off")]
     TwoTierNeedsFlashAttn { kv: KvConfig },
     #[error(
-        "the KV cache needs {need_mib:.0} MiB but only {avail_mib:.0} MiB of memory is available; lower -c, the batch, or use a smaller cache type (e.g. q4_0)"
+        "the KV cache needs {need_mib:.0} MiB but only {avail_mib:.0} MiB of {place} is available; lower -c, the batch, or use a smaller cache type (e.g. q4_0)"
     )]
-    OutOfMemory { need_mib: f64, avail_mib: f64 },
+    OutOfMemory { need_mib: f64, avail_mib: f64, place: &'static str },
     #[error("{0}")]
     Input(String),
 }
@@ -210,9 +210,19 @@ impl LoadedModel {
         }
         let need = self.kv_bytes(cfg, n_ctx).map_err(EngineError::Gguf)?;
         // A no_alloc model only sizes buffers (see `crate::plan`): nothing to fit in memory.
-        if let Some(avail) = available_memory().filter(|_| !self.params.no_alloc) {
+        // Offloaded layers keep their cache on the GPU: that is the memory to fit.
+        let gpu = if self.params.gpu_layers != 0 { llama::gpu_free_memory() } else { None };
+        let (avail, place) = match gpu {
+            Some(free) => (Some(free), "free GPU memory"),
+            None => (available_memory(), "memory"),
+        };
+        if let Some(avail) = avail.filter(|_| !self.params.no_alloc) {
             if need > avail {
-                return Err(EngineError::OutOfMemory { need_mib: need as f64 / MIB, avail_mib: avail as f64 / MIB });
+                return Err(EngineError::OutOfMemory {
+                    need_mib: need as f64 / MIB,
+                    avail_mib: avail as f64 / MIB,
+                    place,
+                });
             }
         }
         let mut p = ContextParams::new(n_ctx, cfg.threads);

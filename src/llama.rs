@@ -95,6 +95,44 @@ pub fn system_info() -> String {
     unsafe { CStr::from_ptr(ffi::llama_print_system_info()) }.to_string_lossy().into_owned()
 }
 
+/// The accelerators this build's ggml backends see, as "name (description, N GiB)";
+/// empty in a CPU-only build or on a machine without one.
+pub fn gpu_devices() -> Vec<String> {
+    init(VERBOSE.load(Ordering::Relaxed));
+    let mut out = Vec::new();
+    for i in 0..unsafe { ffi::ggml_backend_dev_count() } {
+        let dev = unsafe { ffi::ggml_backend_dev_get(i) };
+        let kind = unsafe { ffi::ggml_backend_dev_type(dev) };
+        if kind != ffi::ggml_backend_dev_type_GGML_BACKEND_DEVICE_TYPE_GPU {
+            continue;
+        }
+        let text = |p: *const std::ffi::c_char| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+        let (mut free, mut total) = (0usize, 0usize);
+        unsafe { ffi::ggml_backend_dev_memory(dev, &mut free, &mut total) };
+        out.push(format!(
+            "{} ({}, {:.0} GiB)",
+            text(unsafe { ffi::ggml_backend_dev_name(dev) }),
+            text(unsafe { ffi::ggml_backend_dev_description(dev) }),
+            total as f64 / (1u64 << 30) as f64
+        ));
+    }
+    out
+}
+
+/// Free memory of the first GPU this build's backends see; None without one.
+pub fn gpu_free_memory() -> Option<u64> {
+    init(VERBOSE.load(Ordering::Relaxed));
+    (0..unsafe { ffi::ggml_backend_dev_count() }).find_map(|i| {
+        let dev = unsafe { ffi::ggml_backend_dev_get(i) };
+        if unsafe { ffi::ggml_backend_dev_type(dev) } != ffi::ggml_backend_dev_type_GGML_BACKEND_DEVICE_TYPE_GPU {
+            return None;
+        }
+        let (mut free, mut total) = (0usize, 0usize);
+        unsafe { ffi::ggml_backend_dev_memory(dev, &mut free, &mut total) };
+        Some(free as u64)
+    })
+}
+
 /// The version of the logquant patch series compiled into llama.cpp.
 pub fn patch_version() -> String {
     unsafe { CStr::from_ptr(ffi::logquant_patch_version()) }.to_string_lossy().into_owned()
@@ -601,8 +639,12 @@ fn overlay_result(rc: i64) -> Result<i64, LlamaError> {
     if rc >= 0 {
         return Ok(rc);
     }
-    let msg = unsafe { CStr::from_ptr(ffi::logquant_last_error()) }.to_string_lossy().into_owned();
-    Err(LlamaError::Overlay(msg))
+    Err(last_logquant_error())
+}
+
+/// The error logquant_last_error() holds.
+fn last_logquant_error() -> LlamaError {
+    LlamaError::Overlay(unsafe { CStr::from_ptr(ffi::logquant_last_error()) }.to_string_lossy().into_owned())
 }
 
 impl Drop for Context<'_> {
@@ -800,6 +842,25 @@ pub mod lq2_kernels {
         ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_dequantize refused".into()))
     }
 
+    /// Quantization as the cache writes tokens: ggml_set_rows of rows of `n_per_row`
+    /// values into an lq2 tensor on the ggml backend `backend` ("CPU", "CUDA0", ...).
+    pub fn set_rows_on(x: &[f32], n_per_row: usize, backend: &str) -> Result<Vec<u8>, LlamaError> {
+        check(n_per_row)?;
+        if x.is_empty() || x.len() % n_per_row != 0 {
+            return Err(LlamaError::InvalidArgument("x is not a whole number of rows".into()));
+        }
+        let name = std::ffi::CString::new(backend).map_err(|_| LlamaError::InvalidArgument("backend name".into()))?;
+        let mut out = vec![0u16; x.len() / 64 * block_bytes() / 2];
+        let rows = (x.len() / n_per_row) as i64;
+        let ok = unsafe {
+            ffi::logquant_lq2_set_rows_run(x.as_ptr(), rows, n_per_row as i64, out.as_mut_ptr().cast(), name.as_ptr())
+        };
+        if !ok {
+            return Err(super::last_logquant_error());
+        }
+        Ok(out.iter().flat_map(|v| v.to_ne_bytes()).collect())
+    }
+
     /// The CPU dot product of attention's K.q: dequant(blocks) . y.
     pub fn dot(blocks: &[u8], y: &[f32]) -> Result<f32, LlamaError> {
         check(y.len())?;
@@ -838,8 +899,36 @@ pub mod two_tier_kernel {
         pub threads: usize,
     }
 
-    /// The attention output [tokens][heads][dim].
+    /// The attention output [tokens][heads][dim], from the CPU kernel.
     pub fn run(c: &Case) -> Result<Vec<f32>, LlamaError> {
+        run_on(c, "CPU")
+    }
+
+    /// The same from the kernels of the ggml backend `backend` ("CPU", "CUDA0", ...).
+    pub fn run_on(c: &Case, backend: &str) -> Result<Vec<f32>, LlamaError> {
+        let mut out = vec![0f32; c.q.len()];
+        let raw = raw_case(c, &mut out)?;
+        let name = std::ffi::CString::new(backend).map_err(|_| LlamaError::InvalidArgument("backend name".into()))?;
+        if !unsafe { ffi::logquant_attn_run_on(&raw, name.as_ptr()) } {
+            return Err(super::last_logquant_error());
+        }
+        Ok(out)
+    }
+
+    /// Mean milliseconds of one run of the op on `backend`, over `reps` runs after a warm-up.
+    pub fn time_on(c: &Case, backend: &str, reps: u32) -> Result<f64, LlamaError> {
+        let mut out = vec![0f32; c.q.len()];
+        let raw = raw_case(c, &mut out)?;
+        let name = std::ffi::CString::new(backend).map_err(|_| LlamaError::InvalidArgument("backend name".into()))?;
+        let reps = i32::try_from(reps.max(1)).unwrap_or(i32::MAX);
+        let ms = unsafe { ffi::logquant_attn_time_on(&raw, name.as_ptr(), reps) };
+        if ms < 0.0 {
+            return Err(super::last_logquant_error());
+        }
+        Ok(ms)
+    }
+
+    fn raw_case(c: &Case, out: &mut [f32]) -> Result<ffi::logquant_attn_case, LlamaError> {
         let bad = |what: &str| Err(LlamaError::InvalidArgument(format!("two-tier attention case: {what}")));
         let row = c.head_dim / 64 * super::lq2_kernels::block_bytes();
         let n_slots = c.slot_to_cell.len();
@@ -853,9 +942,11 @@ pub mod two_tier_kernel {
         if c.k_overlay.len() != ov || c.v_overlay.len() != ov {
             return bad("overlay has the wrong length");
         }
-        let mut out = vec![0f32; c.q.len()];
+        if out.len() != c.q.len() {
+            return bad("output has the wrong length");
+        }
         let i32_of = |n: usize| i32::try_from(n).map_err(|_| LlamaError::InvalidArgument(format!("{n} is too large")));
-        let raw = ffi::logquant_attn_case {
+        Ok(ffi::logquant_attn_case {
             head_dim: i32_of(c.head_dim)?,
             n_head: i32_of(c.n_head)?,
             n_head_kv: i32_of(c.n_head_kv)?,
@@ -872,10 +963,6 @@ pub mod two_tier_kernel {
             mask: c.mask.as_ptr(),
             n_threads: i32_of(c.threads.max(1))?,
             out: out.as_mut_ptr(),
-        };
-        if !unsafe { ffi::logquant_attn_run(&raw) } {
-            return bad("rejected by logquant_attn_run (inconsistent sizes or slot map)");
-        }
-        Ok(out)
+        })
     }
 }

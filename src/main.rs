@@ -306,8 +306,18 @@ struct InspectArgs {
     json: bool,
 }
 
+/// llama.cpp's tools spell some long options with one dash (`-ngl 99`, `-fa on`,
+/// `-ctk q4_0`): accept those spellings of our aliases too.
+fn llama_style_args(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.map(|a| match a.to_str() {
+        Some(flag @ ("-ngl" | "-fa" | "-ub" | "-ctk" | "-ctv")) => format!("-{flag}").into(),
+        _ => a,
+    })
+    .collect()
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(llama_style_args(std::env::args_os()));
     let result = match cli.command {
         Command::Run(args) => cmd_run(args),
         Command::Inspect(args) => cmd_inspect(args),
@@ -445,7 +455,7 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
     let report = eval::evaluate(&model, &tokens, &common.configs(), &opts, &mut progress)?;
     let rotation = engine::attention_rotation();
     let json = serde_json::json!({
-        "machine": bench::machine_description(),
+        "machine": bench::machine_description(common.gpu_layers),
         "build": engine::build_description(),
         "model": model.path,
         "text": args.file,
@@ -503,7 +513,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
     let mut progress = Progress::new("bench", opts.configs.len() * opts.depths.len() * opts.batches.len());
     let rows = bench::run(&model, &opts, &mut progress)?;
     let report = bench::BenchReport {
-        machine: bench::machine_description(),
+        machine: bench::machine_description(common.gpu_layers),
         build: engine::build_description(),
         model: model.model.description(),
         threads: template.threads,

@@ -133,3 +133,11 @@ fn inspect_prints_a_table_and_json() {
     assert_eq!(v["architecture"], "llama");
     assert_eq!(v["n_layer"], 2);
 }
+
+/// llama.cpp's one-dash spellings (`-ngl 99`, `-fa on`) reach the same options: the
+/// failure is about the model, not about the flags.
+#[test]
+fn llama_cpp_spellings_of_options_are_accepted() {
+    let out = logquant(&["bench", "-m", "/nonexistent/model.gguf", "-ngl", "99", "-fa", "on"]);
+    assert_clean_failure(&out, "does not exist");
+}

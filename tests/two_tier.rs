@@ -444,3 +444,37 @@ fn the_overlay_is_enabled_once_and_not_over_tokens() {
     let e = plain.enable_overlay(8).unwrap_err().to_string();
     assert!(e.contains("before the first token is decoded"), "{e}");
 }
+
+/// Sequences of different lengths in one context, fed unequal chunks (so that llama.cpp
+/// splits a decode into several micro-batches over different streams): with every
+/// token kept, the logits stay those of the f16 cache.
+#[test]
+fn uneven_sequences_with_every_token_kept_match_f16() {
+    let model = tiny();
+    let n_vocab = model.model.n_vocab();
+    let run = |kv: &str| {
+        let mut ctx = context(&model, kv, 1024, 3, 48);
+        let seqs: Vec<Vec<i32>> = (0..3).map(|s| some_tokens(100 + 30 * s, n_vocab)).collect();
+        let mut batch = Batch::new(48).unwrap();
+        let mut out = Vec::new();
+        let mut pos = [0usize; 3];
+        loop {
+            batch.clear();
+            for (s, toks) in seqs.iter().enumerate() {
+                for _ in 0..if pos[s] < 40 { 16 } else { 1 } {
+                    if pos[s] < toks.len() {
+                        batch.add(toks[pos[s]], pos[s] as i32, s as i32, true).unwrap();
+                        pos[s] += 1;
+                    }
+                }
+            }
+            if batch.is_empty() {
+                return out;
+            }
+            ctx.decode(&batch).unwrap();
+            out.extend((0..batch.len()).map(|r| ctx.logits(r).unwrap().to_vec()));
+        }
+    };
+    let kld = max_kld(&run("f16"), &run("logquant:D=600"));
+    assert!(kld < 1e-4, "max KLD {kld}");
+}

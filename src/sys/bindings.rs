@@ -1432,4 +1432,13 @@ unsafe extern "C" {
     ) -> i64;
     pub fn logquant_overlay_get_stats(ctx: *const llama_context, out: *mut logquant_overlay_stats) -> bool;
     pub fn logquant_attn_run(c: *const logquant_attn_case) -> bool;
+    pub fn logquant_attn_run_on(c: *const logquant_attn_case, backend: *const ::core::ffi::c_char) -> bool;
+    pub fn logquant_attn_time_on(c: *const logquant_attn_case, backend: *const ::core::ffi::c_char, reps: i32) -> f64;
+    pub fn logquant_lq2_set_rows_run(
+        src: *const f32,
+        n_rows: i64,
+        n_per_row: i64,
+        dst: *mut ::core::ffi::c_void,
+        backend: *const ::core::ffi::c_char,
+    ) -> bool;
 }

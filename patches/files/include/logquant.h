@@ -142,6 +142,22 @@ struct logquant_attn_case {
 // Returns false (writing nothing) on NULL pointers or inconsistent sizes.
 LLAMA_API bool logquant_attn_run(const struct logquant_attn_case * c);
 
+// The same on the ggml backend named `backend` ("CPU", "CUDA0", ...): that backend's
+// kernels, as the cache runs them (n_threads applies to the CPU only). Returns false
+// when the case is invalid, no such backend exists, or it cannot run the op for this
+// case; logquant_last_error() says which.
+LLAMA_API bool logquant_attn_run_on(const struct logquant_attn_case * c, const char * backend);
+
+// Times that op on `backend`: one warm-up run, then `reps` runs of the one-op graph
+// back to back; returns the mean milliseconds per run (wall clock, synchronized at the
+// end), or a negative value where logquant_attn_run_on would return false.
+LLAMA_API double logquant_attn_time_on(const struct logquant_attn_case * c, const char * backend, int32_t reps);
+
+// 2-bit quantization as the cache writes every token: ggml_set_rows of n_rows rows of
+// n_per_row floats (a multiple of 64) into an LQ2 tensor on `backend`. dst receives
+// n_rows * n_per_row/64 blocks of 20 bytes (ggml-lq2.h). False as above.
+LLAMA_API bool logquant_lq2_set_rows_run(const float * src, int64_t n_rows, int64_t n_per_row, void * dst, const char * backend);
+
 #ifdef __cplusplus
 }
 #endif

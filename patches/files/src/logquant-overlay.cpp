@@ -11,6 +11,7 @@
 #include "ggml-cpu.h"
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <string>
 
@@ -31,10 +32,13 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots)
         if (layer.k == nullptr || layer.v == nullptr || layer.k->buffer == nullptr || layer.k->data == nullptr) {
             throw std::runtime_error("the KV cache has no allocated K and V tensors (no_alloc context or MLA model)");
         }
-        if (!ggml_backend_buffer_is_host(layer.k->buffer)) {
-            throw std::runtime_error("the KV cache lives on an accelerator, where the two-tier kernels do not run yet (CPU only)");
-        }
         ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+        // The two-tier kernels exist for the CPU and CUDA; elsewhere every step would
+        // copy the whole cache to the host.
+        if (!ggml_backend_buffer_is_host(layer.k->buffer) && std::string(ggml_backend_buft_name(buft)).rfind("CUDA", 0) != 0) {
+            throw std::runtime_error(std::string("the KV cache lives on ") + ggml_backend_buft_name(buft) +
+                                     ", where the two-tier kernels do not run (CPU and CUDA only)");
+        }
         auto it = ctx_for.find(buft);
         if (it == ctx_for.end()) {
             ggml_init_params params = {
@@ -94,12 +98,16 @@ void logquant_overlay::free_slot(uint32_t strm, int32_t slot) {
 
 void logquant_overlay::sweep() {
     for (uint32_t strm = 0; strm < n_stream; ++strm) {
-        const auto & cells = kv.v_cells[strm];
-        for (uint32_t slot = 0; slot < n_slots; ++slot) {
-            const int32_t c = slot_to_cell[size_t(strm)*n_slots + slot];
-            if (c >= 0 && cells.is_empty(c)) {
-                free_slot(strm, int32_t(slot));
-            }
+        sweep(strm);
+    }
+}
+
+void logquant_overlay::sweep(uint32_t strm) {
+    const auto & cells = kv.v_cells[strm];
+    for (uint32_t slot = 0; slot < n_slots; ++slot) {
+        const int32_t c = slot_to_cell[size_t(strm)*n_slots + slot];
+        if (c >= 0 && cells.is_empty(c)) {
+            free_slot(strm, int32_t(slot));
         }
     }
 }
@@ -124,7 +132,7 @@ void logquant_overlay::on_ubatch(const llama_kv_cache::slot_info & sinfo, const 
                 free_slots[strm].pop_back();
                 slot_to_cell[size_t(strm)*n_slots + slot] = int32_t(cell);
             }
-            token_row[i] = int32_t(strm*n_slots) + slot;
+            token_row[i] = int32_t((strm - sinfo.s0)*n_slots) + slot; // rows of the micro-batch's streams
         }
     }
     state.s0        = int32_t(sinfo.s0);
@@ -175,8 +183,8 @@ void logquant_overlay::forget(llama_seq_id seq) {
 }
 
 void logquant_overlay::set_full_precision(llama_seq_id seq, const llama_pos * pos, size_t n) {
-    sweep();
     const uint32_t strm  = kv.seq_to_stream[seq];
+    sweep(strm); // this stream only: called for every sequence after every decode
     const auto &   cells = kv.v_cells[strm];
     for (uint32_t slot = 0; slot < n_slots; ++slot) {
         const int32_t c = slot_to_cell[size_t(strm)*n_slots + slot];
@@ -187,8 +195,8 @@ void logquant_overlay::set_full_precision(llama_seq_id seq, const llama_pos * po
 }
 
 std::vector<llama_pos> logquant_overlay::full_precision(llama_seq_id seq) {
-    sweep();
     const uint32_t strm  = kv.seq_to_stream[seq];
+    sweep(strm);
     const auto &   cells = kv.v_cells[strm];
     std::vector<llama_pos> res;
     for (uint32_t slot = 0; slot < n_slots; ++slot) {
@@ -210,9 +218,49 @@ uint32_t logquant_overlay::slots_used() {
     return used;
 }
 
-ggml_tensor * logquant_overlay::build_attn(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_cur, ggml_tensor * v_cur,
-                                           ggml_tensor * k, ggml_tensor * v, ggml_tensor * kq_mask, float kq_scale,
-                                           const llama_hparams & hparams, int il) {
+// The graph inputs of one graph: made at the first layer of this cache that the graph
+// builds, filled by llama.cpp (set_input) after apply() placed the micro-batch.
+struct logquant_overlay::graph_input : llm_graph_input_i {
+    graph_input(const logquant_overlay & ov, uint32_t s0, uint32_t n_tokens) : ov(ov), s0(s0), n_tokens(n_tokens) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        ov.fill_slot_input(s2c, s0);
+        if (rows != nullptr) {
+            ov.fill_row_input(rows);
+        }
+    }
+
+    // the graph's overlay views and sizes hold for the next micro-batch when it has as
+    // many tokens in the same streams
+    bool can_reuse(const llm_graph_params & params) override {
+        return params.ubatch.n_tokens == n_tokens && uint32_t(ov.state.s0) == s0;
+    }
+
+    const logquant_overlay & ov;
+    const uint32_t s0;
+    const uint32_t n_tokens;
+    ggml_tensor * s2c  = nullptr; // [rows, n_stream] I32
+    ggml_tensor * rows = nullptr; // [n_tokens] I32, when the graph writes tokens
+};
+
+void logquant_overlay::fill_slot_input(ggml_tensor * s2c, uint32_t s0) const {
+    std::vector<int32_t> buf(ggml_nelements(s2c), -1);
+    const int64_t ns = s2c->ne[1];
+    for (int64_t s = 0; s < ns && n_slots > 0; ++s) {
+        std::copy_n(slot_to_cell.begin() + size_t(s0 + s)*n_slots, n_slots, buf.begin() + s*n_slots);
+    }
+    ggml_backend_tensor_set(s2c, buf.data(), 0, ggml_nbytes(s2c));
+}
+
+void logquant_overlay::fill_row_input(ggml_tensor * rows) const {
+    GGML_ASSERT(token_row.size() == size_t(rows->ne[0]));
+    ggml_backend_tensor_set(rows, token_row.data(), 0, ggml_nbytes(rows));
+}
+
+ggml_tensor * logquant_overlay::build_attn(ggml_context * ctx, llm_graph_result * res, ggml_tensor * q, ggml_tensor * k_cur,
+                                           ggml_tensor * v_cur, ggml_tensor * k, ggml_tensor * v, ggml_tensor * kq_mask,
+                                           float kq_scale, const llama_hparams & hparams, int il) {
     const int32_t ikv = kv.map_layer_ids.at(il);
     logquant_attn_layer & lp = layer_params.at(il);
     lp.scale         = kq_scale;
@@ -226,16 +274,42 @@ ggml_tensor * logquant_overlay::build_attn(ggml_context * ctx, ggml_tensor * q, 
     k = ggml_permute(ctx, k, 0, 2, 1, 3);
     v = ggml_permute(ctx, v, 0, 2, 1, 3);
 
-    ggml_tensor * write = nullptr;
-    if (k_cur != nullptr && v_cur != nullptr) {
-        ggml_tensor * args[] = { k_cur, v_cur, k_ov[ikv], v_ov[ikv] };
-        write = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 4, logquant_overlay_write, GGML_N_TASKS_MAX, &lp);
-        ggml_format_name(write, "logquant_overlay_write-%d", il);
+    // the overlay rows of the micro-batch's streams, as the K and V views are
+    const int64_t rows = std::max<int64_t>(n_slots, 1);
+    const int64_t s0   = state.s0;
+    ggml_tensor * k_rows = ggml_view_2d(ctx, k_ov[ikv], k_ov[ikv]->ne[0], rows*ns, k_ov[ikv]->nb[1], s0*rows*k_ov[ikv]->nb[1]);
+    ggml_tensor * v_rows = ggml_view_2d(ctx, v_ov[ikv], v_ov[ikv]->ne[0], rows*ns, v_ov[ikv]->nb[1], s0*rows*v_ov[ikv]->nb[1]);
+
+    const bool writes = k_cur != nullptr && v_cur != nullptr;
+    if (inp == nullptr || il <= inp_il) {
+        auto gi = std::make_unique<graph_input>(*this, uint32_t(s0), uint32_t(writes ? k_cur->ne[2] : 0));
+        gi->s2c = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, rows, ns);
+        ggml_set_input(gi->s2c);
+        ggml_set_name(gi->s2c, "logquant_slot_to_cell");
+        if (writes) {
+            gi->rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, k_cur->ne[2]);
+            ggml_set_input(gi->rows);
+            ggml_set_name(gi->rows, "logquant_token_row");
+        }
+        inp = gi.get();
+        res->add_input(std::move(gi));
+    }
+    inp_il = il;
+
+    // The write is an in-place op on the overlay's K rows: its result is a view of the
+    // overlay, so the scheduler runs it where the overlay lives (a write on another
+    // backend would land in a copy), and attention, reading that result, runs after it.
+    ggml_tensor * k_in = k_rows;
+    if (writes) {
+        GGML_ASSERT(inp->rows != nullptr && inp->rows->ne[0] == k_cur->ne[2]);
+        ggml_tensor * args[] = { k_cur, v_cur, v_rows, inp->rows };
+        k_in = ggml_custom_inplace(ctx, k_rows, args, 4, logquant_overlay_write, GGML_N_TASKS_MAX, &lp);
+        ggml_format_name(k_in, "logquant_overlay_write-%d", il);
     }
 
-    ggml_tensor * args[] = { q, k, v, kq_mask, k_ov[ikv], v_ov[ikv], write };
+    ggml_tensor * args[] = { q, k, v, kq_mask, k_in, v_rows, inp->s2c };
     ggml_tensor * cur = ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[0], q->ne[2], q->ne[1], q->ne[3], args,
-                                       write ? 7 : 6, logquant_attn_compute, GGML_N_TASKS_MAX, &lp);
+                                       7, logquant_attn_compute, GGML_N_TASKS_MAX, &lp);
     ggml_format_name(cur, "logquant_attn-%d", il);
 
     return ggml_reshape_2d(ctx, cur, cur->ne[0]*cur->ne[1], cur->ne[2]*cur->ne[3]);
@@ -245,13 +319,13 @@ logquant_overlay * logquant_overlay_of(const llama_kv_cache_context * mctx) {
     return mctx != nullptr ? mctx->kv->lq_overlay.get() : nullptr;
 }
 
-ggml_tensor * logquant_build_attn(ggml_context * ctx, const llama_kv_cache_context * mctx, ggml_tensor * q,
+ggml_tensor * logquant_build_attn(ggml_context * ctx, llm_graph_result * res, const llama_kv_cache_context * mctx, ggml_tensor * q,
                                   ggml_tensor * k_cur, ggml_tensor * v_cur, ggml_tensor * k, ggml_tensor * v,
                                   ggml_tensor * kq_mask, ggml_tensor * kq_b, ggml_tensor * sinks, ggml_tensor * v_mla,
                                   float kq_scale, const llama_hparams & hparams, int il) {
     // logquant_overlay_enable refuses models that would need these
     GGML_ASSERT(kq_b == nullptr && sinks == nullptr && v_mla == nullptr);
-    return logquant_overlay_of(mctx)->build_attn(ctx, q, k_cur, v_cur, k, v, kq_mask, kq_scale, hparams, il);
+    return logquant_overlay_of(mctx)->build_attn(ctx, res, q, k_cur, v_cur, k, v, kq_mask, kq_scale, hparams, il);
 }
 
 //
@@ -387,58 +461,110 @@ bool logquant_overlay_get_stats(const struct llama_context * ctx, struct logquan
     return true;
 }
 
+static bool attn_case(const struct logquant_attn_case * c, const char * backend_name, int32_t reps, double * ms);
+
 bool logquant_attn_run(const struct logquant_attn_case * c) {
+    return logquant_attn_run_on(c, "CPU");
+}
+
+// A backend by name, with the CPU's thread count set; nullptr (and the error) if none.
+static ggml_backend_t backend_by_name(const char * name, int n_threads) {
+    ggml_backend_t backend = name != nullptr ? ggml_backend_init_by_name(name, nullptr) : nullptr;
+    if (backend == nullptr) {
+        fail(LOGQUANT_ERR_ARGUMENT, std::string("no ggml backend named ") + (name ? name : "(null)") +
+                                        " in this build (the CUDA ones need --features cuda and a GPU)");
+        return nullptr;
+    }
+    if (ggml_backend_is_cpu(backend)) {
+        ggml_backend_cpu_set_n_threads(backend, n_threads);
+    }
+    return backend;
+}
+
+// Allocates ctx's tensors on backend (into buf), uploads, runs gf there; false (and
+// the error) when the backend cannot run `out` or memory runs out.
+static bool compute_on(ggml_backend_t backend, ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * out,
+                       ggml_backend_buffer_ptr & buf, const std::function<void()> & upload, int32_t reps = 0,
+                       double * ms = nullptr) {
+    if (!ggml_backend_supports_op(backend, out)) {
+        fail(LOGQUANT_ERR_UNSUPPORTED, std::string(ggml_backend_name(backend)) + " cannot run " + ggml_op_desc(out) + " for this case");
+        return false;
+    }
+    buf.reset(ggml_backend_alloc_ctx_tensors(ctx, backend));
+    if (!buf) {
+        fail(LOGQUANT_ERR_MEMORY, "out of memory on " + std::string(ggml_backend_name(backend)));
+        return false;
+    }
+    upload();
+    if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
+        fail(LOGQUANT_ERR_STATE, "graph compute failed on " + std::string(ggml_backend_name(backend)));
+        return false;
+    }
+    ggml_backend_synchronize(backend);
+    if (reps > 0 && ms != nullptr) {
+        const int64_t t0 = ggml_time_us();
+        for (int32_t r = 0; r < reps; ++r) {
+            ggml_backend_graph_compute_async(backend, gf);
+        }
+        ggml_backend_synchronize(backend);
+        *ms = double(ggml_time_us() - t0) / 1e3 / reps;
+    }
+    return true;
+}
+
+bool logquant_attn_run_on(const struct logquant_attn_case * c, const char * backend_name) {
+    return attn_case(c, backend_name, 0, nullptr);
+}
+
+double logquant_attn_time_on(const struct logquant_attn_case * c, const char * backend_name, int32_t reps) {
+    double ms = 0.0;
+    return reps > 0 && attn_case(c, backend_name, reps, &ms) ? ms : -1.0;
+}
+
+static bool attn_case(const struct logquant_attn_case * c, const char * backend_name, int32_t reps, double * ms) {
     if (c == nullptr || c->q == nullptr || c->k_store == nullptr || c->v_store == nullptr || c->mask == nullptr ||
         c->out == nullptr || c->slot_to_cell == nullptr && c->n_slots > 0) {
+        fail(LOGQUANT_ERR_ARGUMENT, "NULL pointer in the case");
         return false;
     }
     const int64_t D = c->head_dim;
     if (D <= 0 || D % ggml_blck_size(GGML_TYPE_LQ2) != 0 || D > 1024 || c->n_head <= 0 || c->n_head_kv <= 0 ||
         c->n_head % c->n_head_kv != 0 || c->n_tokens <= 0 || c->n_kv <= 0 || c->n_slots < 0 || c->n_threads <= 0 ||
         (c->n_slots > 0 && (c->k_overlay == nullptr || c->v_overlay == nullptr))) {
+        fail(LOGQUANT_ERR_ARGUMENT, "inconsistent sizes in the case");
         return false;
     }
     std::vector<int32_t> cell_to_slot(c->n_kv, -1);
     for (int32_t s = 0; s < c->n_slots; ++s) {
         const int32_t cell = c->slot_to_cell[s];
         if (cell < -1 || cell >= c->n_kv || (cell >= 0 && cell_to_slot[cell] >= 0)) {
+            fail(LOGQUANT_ERR_ARGUMENT, "slot_to_cell names a cell twice or out of range");
             return false;
         }
         if (cell >= 0) {
             cell_to_slot[cell] = s;
         }
     }
-    ggml_cpu_init();
-
     const int64_t rows = std::max<int64_t>(c->n_slots, 1);
-    // ggml_init aborts when it cannot allocate: keep test cases to a sane size.
+    // keep test cases to a sane size
     if (int64_t(c->n_kv) * c->n_head_kv * D > (int64_t(1) << 26) || int64_t(c->n_tokens) * c->n_head * D > (int64_t(1) << 26) ||
         int64_t(c->n_kv) * c->n_tokens > (int64_t(1) << 26) || rows * c->n_head_kv * D > (int64_t(1) << 26)) {
+        fail(LOGQUANT_ERR_ARGUMENT, "case too large");
         return false;
     }
-    const size_t data = sizeof(float)*D*c->n_head*c->n_tokens*2 + 2*ggml_row_size(GGML_TYPE_LQ2, D)*c->n_head_kv*c->n_kv +
-                        2*sizeof(ggml_fp16_t)*D*c->n_head_kv*rows + sizeof(ggml_fp16_t)*c->n_kv*c->n_tokens;
-    ggml_init_params params = { data + 64*ggml_tensor_overhead() + ggml_graph_overhead() + (1 << 16), nullptr, false };
+    ggml_backend_t backend = backend_by_name(backend_name, c->n_threads);
+    if (backend == nullptr) {
+        return false;
+    }
+    ggml_init_params params = { 64*ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true };
     ggml_context * ctx = ggml_init(params);
-    if (ctx == nullptr) {
-        return false;
-    }
-    ggml_tensor * q  = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, c->n_head, c->n_tokens);
-    ggml_tensor * k  = ggml_new_tensor_3d(ctx, GGML_TYPE_LQ2, D, c->n_head_kv, c->n_kv);
-    ggml_tensor * v  = ggml_new_tensor_3d(ctx, GGML_TYPE_LQ2, D, c->n_head_kv, c->n_kv);
-    ggml_tensor * m  = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c->n_kv, c->n_tokens, 1, 1);
-    ggml_tensor * ko = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*c->n_head_kv, rows);
-    ggml_tensor * vo = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*c->n_head_kv, rows);
-    memcpy(q->data, c->q, ggml_nbytes(q));
-    memcpy(k->data, c->k_store, ggml_nbytes(k));
-    memcpy(v->data, c->v_store, ggml_nbytes(v));
-    ggml_cpu_fp32_to_fp16(c->mask, (ggml_fp16_t *) m->data, int64_t(c->n_kv)*c->n_tokens);
-    memset(ko->data, 0, ggml_nbytes(ko));
-    memset(vo->data, 0, ggml_nbytes(vo));
-    if (c->n_slots > 0) {
-        memcpy(ko->data, c->k_overlay, ggml_nbytes(ko));
-        memcpy(vo->data, c->v_overlay, ggml_nbytes(vo));
-    }
+    ggml_tensor * q   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, c->n_head, c->n_tokens);
+    ggml_tensor * k   = ggml_new_tensor_3d(ctx, GGML_TYPE_LQ2, D, c->n_head_kv, c->n_kv);
+    ggml_tensor * v   = ggml_new_tensor_3d(ctx, GGML_TYPE_LQ2, D, c->n_head_kv, c->n_kv);
+    ggml_tensor * m   = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c->n_kv, c->n_tokens, 1, 1);
+    ggml_tensor * ko  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*c->n_head_kv, rows);
+    ggml_tensor * vo  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*c->n_head_kv, rows);
+    ggml_tensor * s2c = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, rows, 1);
 
     logquant_attn_state state = {};
     state.n_slots      = c->n_slots;
@@ -453,16 +579,71 @@ bool logquant_attn_run(const struct logquant_attn_case * c) {
         ggml_permute(ctx, ggml_reshape_4d(ctx, q, D, c->n_head, c->n_tokens, 1), 0, 2, 1, 3),
         ggml_permute(ctx, ggml_reshape_4d(ctx, k, D, c->n_head_kv, c->n_kv, 1), 0, 2, 1, 3),
         ggml_permute(ctx, ggml_reshape_4d(ctx, v, D, c->n_head_kv, c->n_kv, 1), 0, 2, 1, 3),
-        m, ko, vo,
+        m, ko, vo, s2c,
     };
-    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, D, c->n_head, c->n_tokens, 1, args, 6,
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, D, c->n_head, c->n_tokens, 1, args, 7,
                                        logquant_attn_compute, GGML_N_TASKS_MAX, &layer);
     ggml_cgraph * gf = ggml_new_graph(ctx);
     ggml_build_forward_expand(gf, out);
-    const bool ok = ggml_graph_compute_with_ctx(ctx, gf, c->n_threads) == GGML_STATUS_SUCCESS;
+
+    ggml_backend_buffer_ptr buf;
+    const bool ok = compute_on(backend, ctx, gf, out, buf, [&] {
+        ggml_backend_tensor_set(q, c->q, 0, ggml_nbytes(q));
+        ggml_backend_tensor_set(k, c->k_store, 0, ggml_nbytes(k));
+        ggml_backend_tensor_set(v, c->v_store, 0, ggml_nbytes(v));
+        std::vector<ggml_fp16_t> mh(size_t(c->n_kv)*c->n_tokens);
+        ggml_fp32_to_fp16_row(c->mask, mh.data(), int64_t(mh.size()));
+        ggml_backend_tensor_set(m, mh.data(), 0, ggml_nbytes(m));
+        std::vector<uint8_t> zero(ggml_nbytes(ko), 0);
+        ggml_backend_tensor_set(ko, c->n_slots > 0 ? (const void *) c->k_overlay : zero.data(), 0, ggml_nbytes(ko));
+        ggml_backend_tensor_set(vo, c->n_slots > 0 ? (const void *) c->v_overlay : zero.data(), 0, ggml_nbytes(vo));
+        std::vector<int32_t> s2c_data(rows, -1);
+        std::copy_n(c->slot_to_cell, c->n_slots, s2c_data.begin());
+        ggml_backend_tensor_set(s2c, s2c_data.data(), 0, ggml_nbytes(s2c));
+    }, reps, ms);
     if (ok) {
-        memcpy(c->out, out->data, ggml_nbytes(out));
+        ggml_backend_tensor_get(out, c->out, 0, ggml_nbytes(out));
     }
+    buf.reset();
     ggml_free(ctx);
+    ggml_backend_free(backend);
+    return ok;
+}
+
+bool logquant_lq2_set_rows_run(const float * src, int64_t n_rows, int64_t n_per_row, void * dst, const char * backend_name) {
+    if (src == nullptr || dst == nullptr || n_rows <= 0 || n_per_row <= 0 || n_per_row % ggml_blck_size(GGML_TYPE_LQ2) != 0 ||
+        n_rows * n_per_row > (int64_t(1) << 26)) {
+        fail(LOGQUANT_ERR_ARGUMENT, "invalid rows for lq2 quantization");
+        return false;
+    }
+    ggml_backend_t backend = backend_by_name(backend_name, 1);
+    if (backend == nullptr) {
+        return false;
+    }
+    ggml_init_params params = { 16*ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true };
+    ggml_context * ctx = ggml_init(params);
+    ggml_tensor * x   = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_per_row, n_rows);
+    ggml_tensor * y   = ggml_new_tensor_2d(ctx, GGML_TYPE_LQ2, n_per_row, n_rows);
+    ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_rows);
+    ggml_tensor * out = ggml_set_rows(ctx, y, x, idx);
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, out);
+    ggml_backend_buffer_ptr buf;
+    const bool ok = compute_on(backend, ctx, gf, out, buf, [&] {
+        ggml_backend_tensor_set(x, src, 0, ggml_nbytes(x));
+        std::vector<int64_t> rows(n_rows);
+        for (int64_t i = 0; i < n_rows; ++i) {
+            rows[i] = i;
+        }
+        ggml_backend_tensor_set(idx, rows.data(), 0, ggml_nbytes(idx));
+        std::vector<uint8_t> zero(ggml_nbytes(y), 0);
+        ggml_backend_tensor_set(y, zero.data(), 0, ggml_nbytes(y));
+    });
+    if (ok) {
+        ggml_backend_tensor_get(y, dst, 0, ggml_nbytes(y));
+    }
+    buf.reset();
+    ggml_free(ctx);
+    ggml_backend_free(backend);
     return ok;
 }

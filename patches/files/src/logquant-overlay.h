@@ -13,6 +13,7 @@
 // in llama_kv_cache::update(), and logquant_build_attn() in llm_graph_context::build_attn.
 #pragma once
 
+#include "llama-graph.h"
 #include "llama-kv-cache.h"
 #include "logquant-attn.h"
 
@@ -49,8 +50,10 @@ struct logquant_overlay {
     // cells; they are demoted, and the restored tokens are 2-bit only.
     void forget(llama_seq_id seq);
 
-    // Frees the slots of cells that no longer hold a token (seq_rm, clear).
+    // Frees the slots of cells that no longer hold a token (seq_rm, clear): in every
+    // stream, or in one.
     void sweep();
+    void sweep(uint32_t strm);
 
     // Keeps in the overlay only those tokens of seq whose positions are listed
     // (sorted ascending); the others are demoted. Tokens not in the overlay stay out.
@@ -62,9 +65,15 @@ struct logquant_overlay {
     uint32_t slots_used();
 
     // The attention of layer il over both tiers; see logquant_build_attn.
-    ggml_tensor * build_attn(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_cur, ggml_tensor * v_cur,
-                             ggml_tensor * k, ggml_tensor * v, ggml_tensor * kq_mask, float kq_scale,
-                             const llama_hparams & hparams, int il);
+    ggml_tensor * build_attn(ggml_context * ctx, llm_graph_result * res, ggml_tensor * q, ggml_tensor * k_cur,
+                             ggml_tensor * v_cur, ggml_tensor * k, ggml_tensor * v, ggml_tensor * kq_mask,
+                             float kq_scale, const llama_hparams & hparams, int il);
+
+    // The micro-batch's slot maps as graph inputs (what a GPU kernel reads; the CPU
+    // kernels read `state`): the slot-to-cell map of its streams [n_slots, n_stream]
+    // and each token's overlay row, relative to its first stream.
+    void fill_slot_input(ggml_tensor * s2c, uint32_t s0) const;
+    void fill_row_input(ggml_tensor * rows) const;
 
     llama_kv_cache & kv;
     const uint32_t n_slots;
@@ -90,6 +99,11 @@ struct logquant_overlay {
 
     logquant_attn_state state = {};
     std::vector<logquant_attn_layer> layer_params; // per model layer; the ops' userdata
+
+    // The graph being built: its inputs, made at its first layer of this cache.
+    struct graph_input;
+    graph_input * inp = nullptr;
+    int inp_il = -1;
 };
 
 // The overlay of the cache behind mctx, or nullptr when it has none.
@@ -98,7 +112,7 @@ logquant_overlay * logquant_overlay_of(const llama_kv_cache_context * mctx);
 // Replaces build_attn_mha for a cache with an overlay: writes k_cur/v_cur (rotated as
 // stored) into the overlay and returns attention over both tiers, shaped as
 // build_attn_mha's flash-attention result [n_embd_head_v*n_head, n_tokens].
-ggml_tensor * logquant_build_attn(ggml_context * ctx, const llama_kv_cache_context * mctx, ggml_tensor * q,
+ggml_tensor * logquant_build_attn(ggml_context * ctx, llm_graph_result * res, const llama_kv_cache_context * mctx, ggml_tensor * q,
                                   ggml_tensor * k_cur, ggml_tensor * v_cur, ggml_tensor * k, ggml_tensor * v,
                                   ggml_tensor * kq_mask, ggml_tensor * kq_b, ggml_tensor * sinks, ggml_tensor * v_mla,
                                   float kq_scale, const llama_hparams & hparams, int il);

@@ -204,7 +204,7 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
             if (c < 0 || c >= n_kv) {
                 continue;
             }
-            const int64_t row = strm * n_slots + slot;
+            const int64_t row = iq3 * n_slots + slot; // k_ov/v_ov hold the micro-batch's streams
             ggml_fp16_t * k_data = (ggml_fp16_t *) ((char *) kov->data + row*kov->nb[1]) + ik2*DK;
             const ggml_fp16_t * v_data = (const ggml_fp16_t *) ((const char *) vov->data + row*vov->nb[1]) + iv2*DV;
             for (int64_t j = 0; j < nh; ++j) {
@@ -290,6 +290,6 @@ static void write_rows(const ggml_tensor * cur, ggml_tensor * ov, const logquant
 
 void logquant_overlay_write(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     const logquant_attn_layer * layer = (const logquant_attn_layer *) userdata;
-    write_rows(dst->src[0], dst->src[2], layer->state, ith, nth);
-    write_rows(dst->src[1], dst->src[3], layer->state, ith, nth);
+    write_rows(dst->src[1], dst->src[0], layer->state, ith, nth); // K: dst is a view of src[0]
+    write_rows(dst->src[2], dst->src[3], layer->state, ith, nth); // V
 }

@@ -24,7 +24,7 @@ struct logquant_attn_state {
     const int32_t * cell_to_slot; // [n_stream][n_cells]: the slot a cell has, or -1
     int32_t s0;                   // first stream of the current micro-batch
     int32_t n_tokens;             // tokens of the current micro-batch
-    const int32_t * token_row;    // [n_tokens]: overlay row (stream*n_slots + slot) or -1
+    const int32_t * token_row;    // [n_tokens]: overlay row ((stream - s0)*n_slots + slot) or -1
 };
 
 // Per layer: where to find the state, and the attention parameters
@@ -42,9 +42,10 @@ struct logquant_attn_layer {
 //   1 k      [DK, n_kv, n_head_kv, n_stream]  store (any type with a CPU vec_dot)
 //   2 v      [DV, n_kv, n_head_kv, n_stream]  store (any type with to_float)
 //   3 mask   [n_kv, n_tokens, 1, n_stream]    f16
-//   4 k_ov   [n_embd_k_gqa, n_slots*n_stream] f16 overlay
-//   5 v_ov   [n_embd_v_gqa, n_slots*n_stream] f16 overlay
-//   6 (optional) the overlay write, for ordering only
+//   4 k_ov   [n_embd_k_gqa, n_slots*n_stream] f16 overlay rows of these streams
+//   5 v_ov   [n_embd_v_gqa, n_slots*n_stream] f16 overlay rows of these streams
+//   6 s2c    [n_slots, n_stream] i32: the cell each slot holds, or -1 (a graph input:
+//            the CUDA kernels read it; the CPU reads state->slot_to_cell, the same map)
 // Store cells that have an overlay slot are skipped; overlay slots take the mask
 // of the cell they hold. Each tier repeats the arithmetic of ggml's CPU flash
 // attention's per-row variant for its type (store: its vec_dot and to_float, f32
@@ -55,9 +56,13 @@ struct logquant_attn_layer {
 // and, for one query, below 512 cells).
 void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * userdata);
 
-// Custom op: writes the micro-batch's K and V (f32, as stored into the cache) into
-// the overlay rows state->token_row names. Sources: 0 k_cur [DK, n_head_kv, n_tokens],
-// 1 v_cur [DV, n_head_kv, n_tokens], 2 k_ov, 3 v_ov. dst is a 1-element dummy.
+// Custom op, in place on the overlay's K rows (ggml_custom_inplace: dst is a view of
+// source 0, so the scheduler keeps it on the overlay's backend): writes the
+// micro-batch's K and V (f32 or f16, as stored into the cache) into the overlay rows
+// state->token_row names. Sources: 0 k_ov (rows of the micro-batch's streams), 1 k_cur
+// [DK, n_head_kv, n_tokens], 2 v_cur [DV, n_head_kv, n_tokens], 3 v_ov, 4 token_row
+// [n_tokens] i32 (a graph input, the same as state->token_row). Attention takes the
+// result as its k_ov source, which orders it after the write.
 void logquant_overlay_write(struct ggml_tensor * dst, int ith, int nth, void * userdata);
 
 #ifdef __cplusplus
