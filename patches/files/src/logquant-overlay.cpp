@@ -39,6 +39,17 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots)
             throw std::runtime_error(std::string("the KV cache lives on ") + ggml_backend_buft_name(buft) +
                                      ", where the two-tier kernels do not run (CPU and CUDA only)");
         }
+        if (!ggml_backend_buffer_is_host(layer.k->buffer)) {
+            // what the CUDA kernel runs (logquant_cuda_supports_op); elsewhere the
+            // scheduler would copy the whole cache to the CPU every step
+            const uint32_t dk = kv.hparams.n_embd_head_k(layer.il);
+            const uint32_t dv = kv.hparams.n_embd_head_v(layer.il);
+            if (dk != dv || (dk != 64 && dk != 128 && dk != 256)) {
+                throw std::runtime_error("head size " + std::to_string(dk) + " (K) / " + std::to_string(dv) +
+                                         " (V) is not one the CUDA two-tier kernel runs (64, 128 or 256, K = V): keep the "
+                                         "cache on the CPU (--ngl 0) or use one of llama.cpp's cache types");
+            }
+        }
         auto it = ctx_for.find(buft);
         if (it == ctx_for.end()) {
             ggml_init_params params = {
