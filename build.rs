@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Bumped when the cache key's meaning changes, so stale objects are never reused.
-const CACHE_VERSION: &str = "2";
+const CACHE_VERSION: &str = "3";
 
 fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -582,21 +582,30 @@ fn object_cache_dir(out: &Path) -> PathBuf {
 /// units that can see it: LogQuant's headers do not rebuild ggml-cuda's 140 units.
 struct IncludeScanner {
     dirs: Vec<PathBuf>,
-    includes: Mutex<std::collections::HashMap<PathBuf, Vec<PathBuf>>>,
+    /// The tree, canonical: header names in the key are relative to it.
+    tree: PathBuf,
+    /// Per file (canonical path): the tree's headers it includes itself (canonical),
+    /// and the hash of its name and content. Each file is read once per build.
+    files: Mutex<std::collections::HashMap<PathBuf, (Vec<PathBuf>, u64)>>,
 }
 
 impl IncludeScanner {
     fn new(tree: &Path, gen: &Path) -> IncludeScanner {
-        IncludeScanner { dirs: include_dirs(tree, gen), includes: Mutex::new(Default::default()) }
+        IncludeScanner {
+            dirs: include_dirs(tree, gen),
+            tree: fs::canonicalize(tree).unwrap_or_else(|_| tree.to_path_buf()),
+            files: Mutex::new(Default::default()),
+        }
     }
 
-    /// The tree's headers that `file` includes itself.
-    fn direct(&self, file: &Path) -> Vec<PathBuf> {
-        if let Some(found) = self.includes.lock().unwrap().get(file) {
+    /// The headers `file` includes itself, and its own hash.
+    fn scan(&self, file: &Path) -> (Vec<PathBuf>, u64) {
+        if let Some(found) = self.files.lock().unwrap().get(file) {
             return found.clone();
         }
-        let text = fs::read_to_string(file).unwrap_or_default();
-        let mut found = Vec::new();
+        let bytes = fs::read(file).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        let mut includes = Vec::new();
         for line in text.lines() {
             let Some(rest) = line.trim_start().strip_prefix('#') else { continue };
             let Some(rest) = rest.trim_start().strip_prefix("include") else { continue };
@@ -609,29 +618,33 @@ impl IncludeScanner {
             let Some(name) = name else { continue };
             let here = file.parent().map(|d| d.join(name));
             if let Some(p) = here.into_iter().chain(self.dirs.iter().map(|d| d.join(name))).find(|p| p.is_file()) {
-                found.push(p);
+                includes.push(fs::canonicalize(&p).unwrap_or(p));
             }
         }
-        self.includes.lock().unwrap().insert(file.to_path_buf(), found.clone());
+        // relative names: the key must not depend on where OUT_DIR is
+        let name = file.strip_prefix(&self.tree).map(|p| p.to_string_lossy().into_owned());
+        let mut hasher = DefaultHasher::new();
+        hasher.write(name.unwrap_or_else(|_| file.file_name().unwrap().to_string_lossy().into_owned()).as_bytes());
+        hasher.write(&bytes);
+        let found = (includes, hasher.finish());
+        self.files.lock().unwrap().insert(file.to_path_buf(), found.clone());
         found
     }
 
-    fn hash(&self, src: &Path, tree: &Path) -> u64 {
-        let mut seen = std::collections::BTreeSet::new();
-        let mut todo = self.direct(src);
+    /// The hash of every header `src` includes, directly or not.
+    fn hash(&self, src: &Path) -> u64 {
+        let mut seen = std::collections::BTreeMap::new();
+        let mut todo = self.scan(src).0;
         while let Some(h) = todo.pop() {
-            let h = fs::canonicalize(&h).unwrap_or(h);
-            if seen.insert(h.clone()) {
-                todo.extend(self.direct(&h));
+            if let std::collections::btree_map::Entry::Vacant(slot) = seen.entry(h) {
+                let (includes, hash) = self.scan(slot.key());
+                slot.insert(hash);
+                todo.extend(includes);
             }
         }
         let mut hasher = DefaultHasher::new();
-        let tree = fs::canonicalize(tree).unwrap_or_else(|_| tree.to_path_buf());
-        for h in seen {
-            // relative names: the key must not depend on where OUT_DIR is
-            let name = h.strip_prefix(&tree).map(|p| p.to_string_lossy().into_owned());
-            hasher.write(name.unwrap_or_else(|_| h.file_name().unwrap().to_string_lossy().into_owned()).as_bytes());
-            hasher.write(&fs::read(&h).unwrap_or_default());
+        for hash in seen.values() {
+            hasher.write_u64(*hash);
         }
         hasher.finish()
     }
@@ -664,7 +677,7 @@ fn compile_all(
                 let mut h = DefaultHasher::new();
                 h.write(CACHE_VERSION.as_bytes());
                 h.write(&text);
-                h.write_u64(scanner.hash(&src, tree));
+                h.write_u64(scanner.hash(&src));
                 h.write(flags.describe(unit, tree, gen).as_bytes());
                 let stem = unit.path.to_string_lossy().replace(['/', '.'], "_");
                 let obj = cache.join(format!("{stem}-{:016x}.o", h.finish()));

@@ -95,42 +95,38 @@ pub fn system_info() -> String {
     unsafe { CStr::from_ptr(ffi::llama_print_system_info()) }.to_string_lossy().into_owned()
 }
 
+/// The GPU devices this build's ggml backends see, with their free and total bytes.
+fn gpus() -> impl Iterator<Item = (ffi::ggml_backend_dev_t, usize, usize)> {
+    init(VERBOSE.load(Ordering::Relaxed));
+    (0..unsafe { ffi::ggml_backend_dev_count() })
+        .map(|i| unsafe { ffi::ggml_backend_dev_get(i) })
+        .filter(|&dev| unsafe { ffi::ggml_backend_dev_type(dev) } == ffi::ggml_backend_dev_type_GGML_BACKEND_DEVICE_TYPE_GPU)
+        .map(|dev| {
+            let (mut free, mut total) = (0usize, 0usize);
+            unsafe { ffi::ggml_backend_dev_memory(dev, &mut free, &mut total) };
+            (dev, free, total)
+        })
+}
+
 /// The accelerators this build's ggml backends see, as "name (description, N GiB)";
 /// empty in a CPU-only build or on a machine without one.
 pub fn gpu_devices() -> Vec<String> {
-    init(VERBOSE.load(Ordering::Relaxed));
-    let mut out = Vec::new();
-    for i in 0..unsafe { ffi::ggml_backend_dev_count() } {
-        let dev = unsafe { ffi::ggml_backend_dev_get(i) };
-        let kind = unsafe { ffi::ggml_backend_dev_type(dev) };
-        if kind != ffi::ggml_backend_dev_type_GGML_BACKEND_DEVICE_TYPE_GPU {
-            continue;
-        }
-        let text = |p: *const std::ffi::c_char| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
-        let (mut free, mut total) = (0usize, 0usize);
-        unsafe { ffi::ggml_backend_dev_memory(dev, &mut free, &mut total) };
-        out.push(format!(
-            "{} ({}, {:.0} GiB)",
-            text(unsafe { ffi::ggml_backend_dev_name(dev) }),
-            text(unsafe { ffi::ggml_backend_dev_description(dev) }),
-            total as f64 / (1u64 << 30) as f64
-        ));
-    }
-    out
+    let text = |p: *const std::ffi::c_char| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    gpus()
+        .map(|(dev, _, total)| {
+            format!(
+                "{} ({}, {:.0} GiB)",
+                text(unsafe { ffi::ggml_backend_dev_name(dev) }),
+                text(unsafe { ffi::ggml_backend_dev_description(dev) }),
+                total as f64 / (1u64 << 30) as f64
+            )
+        })
+        .collect()
 }
 
 /// Free memory of the first GPU this build's backends see; None without one.
 pub fn gpu_free_memory() -> Option<u64> {
-    init(VERBOSE.load(Ordering::Relaxed));
-    (0..unsafe { ffi::ggml_backend_dev_count() }).find_map(|i| {
-        let dev = unsafe { ffi::ggml_backend_dev_get(i) };
-        if unsafe { ffi::ggml_backend_dev_type(dev) } != ffi::ggml_backend_dev_type_GGML_BACKEND_DEVICE_TYPE_GPU {
-            return None;
-        }
-        let (mut free, mut total) = (0usize, 0usize);
-        unsafe { ffi::ggml_backend_dev_memory(dev, &mut free, &mut total) };
-        Some(free as u64)
-    })
+    gpus().next().map(|(_, free, _)| free as u64)
 }
 
 /// The version of the logquant patch series compiled into llama.cpp.
@@ -642,6 +638,11 @@ fn overlay_result(rc: i64) -> Result<i64, LlamaError> {
     Err(last_logquant_error())
 }
 
+/// A ggml backend's name as C wants it.
+fn backend_name(backend: &str) -> Result<std::ffi::CString, LlamaError> {
+    std::ffi::CString::new(backend).map_err(|_| LlamaError::InvalidArgument(format!("backend name {backend:?}")))
+}
+
 /// The error logquant_last_error() holds.
 fn last_logquant_error() -> LlamaError {
     LlamaError::Overlay(unsafe { CStr::from_ptr(ffi::logquant_last_error()) }.to_string_lossy().into_owned())
@@ -849,7 +850,7 @@ pub mod lq2_kernels {
         if x.is_empty() || x.len() % n_per_row != 0 {
             return Err(LlamaError::InvalidArgument("x is not a whole number of rows".into()));
         }
-        let name = std::ffi::CString::new(backend).map_err(|_| LlamaError::InvalidArgument("backend name".into()))?;
+        let name = super::backend_name(backend)?;
         let mut out = vec![0u16; x.len() / 64 * block_bytes() / 2];
         let rows = (x.len() / n_per_row) as i64;
         let ok = unsafe {
@@ -908,7 +909,7 @@ pub mod two_tier_kernel {
     pub fn run_on(c: &Case, backend: &str) -> Result<Vec<f32>, LlamaError> {
         let mut out = vec![0f32; c.q.len()];
         let raw = raw_case(c, &mut out)?;
-        let name = std::ffi::CString::new(backend).map_err(|_| LlamaError::InvalidArgument("backend name".into()))?;
+        let name = super::backend_name(backend)?;
         if !unsafe { ffi::logquant_attn_run_on(&raw, name.as_ptr()) } {
             return Err(super::last_logquant_error());
         }
@@ -919,7 +920,7 @@ pub mod two_tier_kernel {
     pub fn time_on(c: &Case, backend: &str, reps: u32) -> Result<f64, LlamaError> {
         let mut out = vec![0f32; c.q.len()];
         let raw = raw_case(c, &mut out)?;
-        let name = std::ffi::CString::new(backend).map_err(|_| LlamaError::InvalidArgument("backend name".into()))?;
+        let name = super::backend_name(backend)?;
         let reps = i32::try_from(reps.max(1)).unwrap_or(i32::MAX);
         let ms = unsafe { ffi::logquant_attn_time_on(&raw, name.as_ptr(), reps) };
         if ms < 0.0 {

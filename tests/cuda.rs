@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::Rng;
+
 use logquant::engine::{self, ContextConfig, LoadedModel};
 use logquant::eval;
 use logquant::gguf::f32_to_f16_bits;
@@ -18,23 +20,6 @@ use logquant::llama::two_tier_kernel::{self, Case};
 use logquant::llama::{lq2_kernels, Batch, ModelParams};
 
 const GPU: &str = "CUDA0";
-
-/// A small deterministic generator.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        (0..4).map(|_| self.uniform()).sum::<f32>() - 2.0
-    }
-}
 
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_clean_failure, logquant};
+use common::{assert_clean_failure, logquant, Rng};
 use logquant::engine::{self, ContextConfig, LoadedModel};
 use logquant::eval;
 use logquant::gguf::{f16_bits_to_f32, f32_to_f16_bits};
@@ -21,24 +21,6 @@ use proptest::prelude::*;
 // ---------------------------------------------------------------------------------
 // The kernel against a naive reference
 // ---------------------------------------------------------------------------------
-
-/// A small deterministic generator (the values only need to be varied).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        // sum of uniforms: close enough to a bell for attention inputs
-        (0..4).map(|_| self.uniform()).sum::<f32>() - 2.0
-    }
-}
 
 /// Attention in f64 over the values the two tiers hold: dequantized lq2 for store cells
 /// without a slot, the f16 copy for overlaid cells (with the query rounded to f16

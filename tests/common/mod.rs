@@ -57,3 +57,21 @@ pub fn assert_clean_failure(out: &Output, expect: &str) {
     }
     assert!(err.trim_end().lines().count() <= 2, "expected a short error, got:\n{err}");
 }
+
+/// A small deterministic generator (the values only need to be varied).
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    pub fn normal(&mut self) -> f32 {
+        // sum of uniforms: close enough to a bell for attention inputs
+        (0..4).map(|_| self.uniform()).sum::<f32>() - 2.0
+    }
+}

@@ -1,10 +1,10 @@
 // LogQuant's 2-bit KV format (GGML_TYPE_LQ2, ggml-lq2.h) on CUDA: the quantizer that
 // set_rows runs for every token written into the cache.
 //
-// It repeats ggml-lq2.c's quantize_row_lq2_ref step for step (min/max, then the
-// least-squares fit of step and minimum in double precision) with round-to-nearest
-// intrinsics, so that --use_fast_math changes none of its arithmetic: the blocks equal
-// the CPU's except where an input is an f32 denormal (flushed to zero here).
+// It repeats ggml-lq2.c's quantize_row_lq2_ref (min/max, then the least-squares fit of
+// step and minimum in double precision) with round-to-nearest intrinsics, so that
+// --use_fast_math changes none of its arithmetic: the blocks equal the CPU's except
+// where an input is an f32 denormal (flushed to zero here).
 #pragma once
 
 #include "common.cuh"
@@ -20,44 +20,6 @@ static __device__ __forceinline__ float lq2_cuda_clamp(float v) {
 static __device__ __forceinline__ int lq2_cuda_level(float x, float m, float id) {
     const float t = __fmul_rn(__fsub_rn(x, m), id);
     return !(t > 0.0f) ? 0 : (t >= 3.0f ? 3 : (int) __fadd_rn(t, 0.5f));
-}
-
-static __device__ void lq2_cuda_fit(const float * x, float * m_io, float * d_io) {
-    double m = *m_io;
-    double d = *d_io;
-    for (int round = 0; round < LQ2_CUDA_FIT_ROUNDS; round++) {
-        if (!(d > 0.0)) {
-            break;
-        }
-        const float mf  = (float) m;
-        const float idf = __fdiv_rn(1.0f, (float) d);
-        double n = 0.0, sq = 0.0, sqq = 0.0, sx = 0.0, sqx = 0.0;
-        for (int j = 0; j < QK_LQ2; j++) {
-            if (isnan(x[j])) {
-                continue;
-            }
-            const double v = lq2_cuda_clamp(x[j]);
-            const double q = lq2_cuda_level((float) v, mf, idf);
-            n   = __dadd_rn(n, 1.0);
-            sq  = __dadd_rn(sq, q);
-            sqq = __fma_rn(q, q, sqq);
-            sx  = __dadd_rn(sx, v);
-            sqx = __fma_rn(q, v, sqx);
-        }
-        const double det = __fma_rn(n, sqq, -__dmul_rn(sq, sq));
-        if (!(det > 0.0)) {
-            break;
-        }
-        const double d2 = __ddiv_rn(__fma_rn(n, sqx, -__dmul_rn(sq, sx)), det);
-        const double m2 = __ddiv_rn(__fma_rn(-d2, sq, sx), n);
-        if (!(d2 > 0.0) || !isfinite(m2)) {
-            break;
-        }
-        m = m2;
-        d = d2;
-    }
-    *m_io = lq2_cuda_clamp((float) m);
-    *d_io = lq2_cuda_clamp((float) d);
 }
 
 // One block of 64 values by one warp (2 values per lane): min/max and the fit's sums
