@@ -15,6 +15,36 @@
 #include <map>
 #include <string>
 
+// Whether device dev runs the two-tier attention op for heads of size D, asked as the
+// scheduler asks (with a stand-in op of that shape): what a device refuses, the
+// scheduler would run on the CPU, copying the whole cache there every step.
+static bool attn_runs_on(ggml_backend_dev_t dev, int64_t D, int64_t n_head_kv) {
+    if (dev == nullptr) {
+        return false;
+    }
+    ggml_init_params params = { 16*ggml_tensor_overhead(), nullptr, true };
+    ggml_context * ctx = ggml_init(params);
+    if (ctx == nullptr) {
+        return false;
+    }
+    const int64_t n_kv = 256;
+    ggml_tensor * args[] = {
+        ggml_new_tensor_4d(ctx, GGML_TYPE_F32, D, 1, n_head_kv, 1),    // q
+        ggml_new_tensor_4d(ctx, GGML_TYPE_LQ2, D, n_kv, n_head_kv, 1), // k
+        ggml_new_tensor_4d(ctx, GGML_TYPE_LQ2, D, n_kv, n_head_kv, 1), // v
+        ggml_new_tensor_4d(ctx, GGML_TYPE_F16, n_kv, 1, 1, 1),         // mask
+        ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*n_head_kv, 1),        // overlay K
+        ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*n_head_kv, 1),        // overlay V
+        ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, 1),                  // slot -> cell
+    };
+    logquant_attn_layer layer = { nullptr, 1.0f, 0.0f, 0.0f };
+    ggml_tensor * op = ggml_custom_4d(ctx, GGML_TYPE_F32, D, n_head_kv, 1, 1, args, 7, logquant_attn_compute,
+                                      GGML_N_TASKS_MAX, &layer);
+    const bool ok = ggml_backend_dev_supports_op(dev, op);
+    ggml_free(ctx);
+    return ok;
+}
+
 logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots)
     : kv(kv), n_slots(std::min(n_slots, kv.get_size())), n_cells(kv.get_size()), n_stream(kv.n_stream) {
     if (kv.other != nullptr) {
@@ -48,6 +78,11 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots)
                 throw std::runtime_error("head size " + std::to_string(dk) + " (K) / " + std::to_string(dv) +
                                          " (V) is not one the CUDA two-tier kernel runs (64, 128 or 256, K = V): keep the "
                                          "cache on the CPU (--ngl 0) or use one of llama.cpp's cache types");
+            }
+            if (!attn_runs_on(ggml_backend_buft_get_device(buft), dk, layer.k->ne[0]/dk)) {
+                throw std::runtime_error(std::string("the two-tier attention does not run on ") + ggml_backend_buft_name(buft) +
+                                         " (its kernel needs NVIDIA compute capability 8.0, Ampere, or newer on every "
+                                         "GPU): keep the cache on the CPU (--ngl 0) or use one of llama.cpp's cache types");
             }
         }
         auto it = ctx_for.find(buft);

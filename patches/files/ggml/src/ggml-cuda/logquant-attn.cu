@@ -8,13 +8,17 @@
 // f16 copy of it: the bytes moved per step are the store's 2.5 bits per value, the
 // overlay's f16 rows and the mask.
 //
-//  - Scores (lane = cell): K stays 2-bit; the query is rounded to int8 per 64-value
-//    block, and each 32-bit word of codes meets it in four dp4a, as llama.cpp's vector
-//    kernels do for quantized K. Cells the overlay holds are skipped through a bitmap
-//    the block builds in shared memory from the slot map.
-//  - Values (lane = output elements): each lane dequantizes its elements of the cell's
-//    V row and accumulates them for every query of the tile, in f32.
-//  - Overlay slots: the same with f16 K and V and an f32 query.
+//  - Store tier, on tensor cores (mma.sync, Ampere and newer), 16 cells at a time:
+//    scores = K codes (u8, 0..3) x the query rounded to int8 per 64-value block, an
+//    m16n8k32 integer product per block, then each block's step and minimum applied
+//    to the integer sums (llama.cpp's vector kernels round the query the same way for
+//    quantized K). Values = an m16n8k16 f16 product of the V codes with p*step, plus
+//    sum(p*minimum) per block on the side. A V code becomes an f16 operand with one
+//    AND: two bits at bit 2j of a half are the subnormal c*4^j*2^-24, exact, and the
+//    factor 4^j*2^-24 comes off when the partial result is written. Cells the overlay
+//    holds are skipped through a bitmap the block builds in shared memory.
+//  - Overlay slots (few): lane = slot for the scores, lane = output elements for the
+//    values, f16 K and V and an f32 query, in f32.
 #include "logquant-attn.cuh"
 #include "lq2.cuh"
 
@@ -27,6 +31,8 @@
 #define LQ_BLOCK_CELLS_MAX 8192 // store cells per block at most (the bitmap's size)
 #define LQ_WARP_SLOTS      32   // overlay slots per warp (one chunk: slots are few, latency rules)
 #define LQ_WARP_CELLS_MIN  64   // store cells per warp at least, where there are that many
+#define LQ_CHUNK           32   // store cells per warp and softmax update: two 16-cell tiles
+#define LQ_COLS            8    // queries per tile: the N of the tensor-core products
 
 struct lq_attn_params {
     const char * q;    int64_t q_nb1, q_nb2, q_nb3; // f32 [D, N, n_head, n_stream]
@@ -44,52 +50,25 @@ struct lq_attn_params {
     float * part;                 // [query][n_parts][2 + D]: M, S, accumulator
 };
 
-// One lq2 row of NB blocks (NB*5 words) with the widest loads its alignment allows: a
-// row starts at a multiple of NB*20 bytes (8-byte aligned for head size 128, 16 for
-// 256), and narrow loads from 32 rows at once cost L1 wavefronts, the limit here.
-template <int NB>
-static __device__ __forceinline__ void lq_load_row(const char * __restrict__ p, uint32_t (&w)[NB*5]) {
-    if constexpr (NB % 4 == 0) {
-#pragma unroll
-        for (int k = 0; k < NB*5/4; ++k) {
-            const uint4 v = ((const uint4 *) p)[k];
-            w[4*k] = v.x; w[4*k + 1] = v.y; w[4*k + 2] = v.z; w[4*k + 3] = v.w;
-        }
-    } else if constexpr (NB % 2 == 0) {
-#pragma unroll
-        for (int k = 0; k < NB*5/2; ++k) {
-            const uint2 v = ((const uint2 *) p)[k];
-            w[2*k] = v.x; w[2*k + 1] = v.y;
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < NB*5; ++k) {
-            w[k] = ((const uint32_t *) p)[k];
-        }
-    }
+// Query qi of a tile: its token, head, mask row and ALiBi slope.
+struct lq_query {
+    int t, h;
+    const half * mrow;
+    float slope;
+};
+
+static __device__ __forceinline__ lq_query lq_query_of(const lq_attn_params & P, const int ikv, const int z, const int qi) {
+    lq_query r;
+    r.t = qi / P.G;
+    r.h = ikv*P.G + qi % P.G;
+    r.mrow = (const half *) (P.mask + r.t*P.m_nb1 + (r.h % P.m_ne2)*P.m_nb2 + (z % P.m_ne3)*P.m_nb3);
+    r.slope = P.max_bias > 0.0f
+        ? (uint32_t) r.h < P.n_head_log2 ? powf(P.m0, r.h + 1) : powf(P.m1, 2*(r.h - (int) P.n_head_log2) + 1)
+        : 1.0f;
+    return r;
 }
 
-template <int NB>
-static __device__ __forceinline__ void lq_store_row(uint32_t * __restrict__ p, const uint32_t (&w)[NB*5]) {
-    if constexpr (NB % 4 == 0) {
-#pragma unroll
-        for (int k = 0; k < NB*5/4; ++k) {
-            ((uint4 *) p)[k] = make_uint4(w[4*k], w[4*k + 1], w[4*k + 2], w[4*k + 3]);
-        }
-    } else if constexpr (NB % 2 == 0) {
-#pragma unroll
-        for (int k = 0; k < NB*5/2; ++k) {
-            ((uint2 *) p)[k] = make_uint2(w[2*k], w[2*k + 1]);
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < NB*5; ++k) {
-            p[k] = w[k];
-        }
-    }
-}
-
-// The QT softmax weights of one cell, with vector loads from shared memory.
+// The QT softmax weights of one slot, with vector loads from shared memory.
 template <int QT>
 static __device__ __forceinline__ void lq_load_p(const float * __restrict__ row, float (&p)[QT]) {
     if constexpr (QT % 4 == 0) {
@@ -106,28 +85,21 @@ static __device__ __forceinline__ void lq_load_p(const float * __restrict__ row,
     }
 }
 
-template <int D, int QT, bool OVERLAY>
-static __device__ __forceinline__ void lq_tier(const lq_attn_params & P, const int w0, const int w1, const int b0,
+// The overlay tier of one warp: slots [w0, w1), f16 K and V, in f32.
+template <int D, int QT>
+static __device__ __forceinline__ void lq_overlay_tier(const lq_attn_params & P, const int w0, const int w1,
         const int z, const int ikv, const int qt, float (&M)[QT], float (&S)[QT], float (&acc)[QT][D/WARP_SIZE],
-        const float (*s_qf)[D], const int32_t (*s_q8)[D/4], const float (*s_qd)[D/QK_LQ2], const float (*s_qs)[D/QK_LQ2],
-        float (*s_p)[QT], const uint32_t * s_skip, uint32_t (*s_v)[D/QK_LQ2*5]) {
+        const float (*s_qf)[D], float (*s_p)[QT]) {
     constexpr int EPL = D/WARP_SIZE;
-    constexpr int NB  = D/QK_LQ2;
-    constexpr int VW  = NB*5; // 32-bit words of one cell's lq2 V row
     const int lane = threadIdx.x % WARP_SIZE;
     const int GN   = P.G*P.N;
 
     for (int c = w0; c < w1; c += WARP_SIZE) {
-        const int i = c + lane; // this lane's cell (store) or slot (overlay)
+        const int i = c + lane; // this lane's slot
         int cell = -1;
         if (i < w1) {
-            if constexpr (OVERLAY) {
-                cell = P.s2c[z*P.n_slots + i];
-                cell = cell < P.n_kv ? cell : -1;
-            } else {
-                const int r = i - b0;
-                cell = (s_skip[r/32] >> (r%32)) & 1 ? -1 : i;
-            }
+            cell = P.s2c[z*P.n_slots + i];
+            cell = cell < P.n_kv ? cell : -1;
         }
 
         float s[QT];
@@ -137,29 +109,9 @@ static __device__ __forceinline__ void lq_tier(const lq_attn_params & P, const i
             const int qi = qt*QT + j;
             s[j] = -INFINITY;
             if (cell >= 0 && qi < GN) {
-                const int t = qi / P.G;
-                const int h = ikv*P.G + qi % P.G;
-                const half * mrow = (const half *) (P.mask + t*P.m_nb1 + (h % P.m_ne2)*P.m_nb2 + (z % P.m_ne3)*P.m_nb3);
-                const float slope = P.max_bias > 0.0f
-                    ? (uint32_t) h < P.n_head_log2 ? powf(P.m0, h + 1) : powf(P.m1, 2*(h - (int) P.n_head_log2) + 1)
-                    : 1.0f;
-                s[j] = slope*__half2float(mrow[cell]);
+                const lq_query q = lq_query_of(P, ikv, z, qi);
+                s[j] = q.slope*__half2float(q.mrow[cell]);
                 any |= s[j] != -INFINITY;
-            }
-        }
-
-        if constexpr (!OVERLAY) {
-            // This cell's V row, into shared memory for the value pass (issued with the
-            // K row: one wait on memory per chunk, not one per cell).
-            if (any) {
-                uint32_t vw[VW];
-                lq_load_row<NB>(P.v + (int64_t) i*P.v_nb1 + (int64_t) ikv*P.v_nb2 + (int64_t) z*P.v_nb3, vw);
-                lq_store_row<NB>(s_v[lane], vw);
-            } else {
-#pragma unroll
-                for (int w = 0; w < VW; ++w) {
-                    s_v[lane][w] = 0; // d = m = 0: a finite value, weighed by nothing
-                }
             }
         }
 
@@ -169,49 +121,17 @@ static __device__ __forceinline__ void lq_tier(const lq_attn_params & P, const i
             for (int j = 0; j < QT; ++j) {
                 dot[j] = 0.0f;
             }
-            if constexpr (OVERLAY) {
-                const uint4 * kr = (const uint4 *) (P.kov + (int64_t) (z*P.n_slots + i)*P.ov_nb1 + (int64_t) ikv*D*sizeof(half));
+            const uint4 * kr = (const uint4 *) (P.kov + (int64_t) (z*P.n_slots + i)*P.ov_nb1 + (int64_t) ikv*D*sizeof(half));
 #pragma unroll
-                for (int d8 = 0; d8 < D/8; ++d8) {
-                    const uint4 raw = kr[d8];
-                    const half2 * h2 = (const half2 *) &raw;
+            for (int d8 = 0; d8 < D/8; ++d8) {
+                const uint4 raw = kr[d8];
+                const half2 * h2 = (const half2 *) &raw;
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const float2 kf = __half22float2(h2[e]);
-#pragma unroll
-                        for (int j = 0; j < QT; ++j) {
-                            dot[j] += s_qf[j][8*d8 + 2*e]*kf.x + s_qf[j][8*d8 + 2*e + 1]*kf.y;
-                        }
-                    }
-                }
-            } else {
-                uint32_t kwv[VW];
-                lq_load_row<NB>(P.k + (int64_t) i*P.k_nb1 + (int64_t) ikv*P.k_nb2 + (int64_t) z*P.k_nb3, kwv);
-#pragma unroll
-                for (int b = 0; b < NB; ++b) {
-                    const uint32_t * kw = kwv + b*5;
-                    const uint32_t dm = kw[0];
-                    const float2 dmf = __half22float2(*(const half2 *) &dm); // x: step d, y: minimum m
-                    int isum[QT];
+                for (int e = 0; e < 4; ++e) {
+                    const float2 kf = __half22float2(h2[e]);
 #pragma unroll
                     for (int j = 0; j < QT; ++j) {
-                        isum[j] = 0;
-                    }
-#pragma unroll
-                    for (int wi = 0; wi < 4; ++wi) {
-                        const uint32_t w = kw[1 + wi];
-#pragma unroll
-                        for (int sh = 0; sh < 4; ++sh) {
-                            const int codes = (int) ((w >> (2*sh)) & 0x03030303u);
-#pragma unroll
-                            for (int j = 0; j < QT; ++j) {
-                                isum[j] = ggml_cuda_dp4a(codes, s_q8[j][b*16 + wi*4 + sh], isum[j]);
-                            }
-                        }
-                    }
-#pragma unroll
-                    for (int j = 0; j < QT; ++j) {
-                        dot[j] += dmf.x*s_qd[j][b]*(float) isum[j] + dmf.y*s_qs[j][b];
+                        dot[j] += s_qf[j][8*d8 + 2*e]*kf.x + s_qf[j][8*d8 + 2*e + 1]*kf.y;
                     }
                 }
             }
@@ -253,26 +173,35 @@ static __device__ __forceinline__ void lq_tier(const lq_attn_params & P, const i
             continue;
         }
 
+        // values PB slots at a time: first every load (independent, so in flight
+        // together), then the arithmetic
         const int n = min(WARP_SIZE, w1 - c);
-        if constexpr (!OVERLAY) {
-            // Values from the staged rows: this lane's EPL elements are in block blk, words
-            // 1 + j0/16 (codes) and 0 (d, m).
-            const int blk = (EPL*lane)/QK_LQ2;
-            const int j0  = (EPL*lane)%QK_LQ2;
-            const int wsel = blk*5 + 1 + j0/16;
-            const int sh   = 8*((j0/4) % 4) + 2*(j0 % 4);
-#pragma unroll 4
-            for (int ii = 0; ii < n; ++ii) {
-                const uint32_t dm   = s_v[ii][blk*5];
-                const uint32_t bits = s_v[ii][wsel] >> sh;
-                const float2 dmf = __half22float2(*(const half2 *) &dm);
+        constexpr int PB = EPL == 8 ? 4 : 8;
+        for (int i0 = 0; i0 < n; i0 += PB) {
+            uint32_t raw[PB][EPL/2];
+#pragma unroll
+            for (int k = 0; k < PB; ++k) {
+                const int ii = min(i0 + k, n - 1); // past the end: a repeat, weighed by nothing
+                const uint32_t * vr = (const uint32_t *) ((const half *) (P.vov + (int64_t) (z*P.n_slots + c + ii)*P.ov_nb1) + ikv*D + EPL*lane);
+#pragma unroll
+                for (int e = 0; e < EPL/2; ++e) {
+                    raw[k][e] = vr[e];
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < PB; ++k) {
+                if (i0 + k >= n) {
+                    break;
+                }
                 float vals[EPL];
 #pragma unroll
-                for (int e = 0; e < EPL; ++e) {
-                    vals[e] = fmaf(dmf.x, (float) ((bits >> (2*e)) & 3), dmf.y);
+                for (int e = 0; e < EPL/2; ++e) {
+                    const float2 f = __half22float2(*(const half2 *) &raw[k][e]);
+                    vals[2*e]     = f.x;
+                    vals[2*e + 1] = f.y;
                 }
                 float pj[QT];
-                lq_load_p<QT>(s_p[ii], pj);
+                lq_load_p<QT>(s_p[i0 + k], pj);
 #pragma unroll
                 for (int j = 0; j < QT; ++j) {
 #pragma unroll
@@ -281,51 +210,264 @@ static __device__ __forceinline__ void lq_tier(const lq_attn_params & P, const i
                     }
                 }
             }
-        } else {
-            // Overlay values, PB slots at a time: first every load (independent, so in
-            // flight together), then the arithmetic.
-            constexpr int PB = EPL == 8 ? 4 : 8;
-            for (int i0 = 0; i0 < n; i0 += PB) {
-                uint32_t raw[PB][EPL/2];
-#pragma unroll
-                for (int k = 0; k < PB; ++k) {
-                    const int ii = min(i0 + k, n - 1); // past the end: a repeat, weighed by nothing
-                    const uint32_t * vr = (const uint32_t *) ((const half *) (P.vov + (int64_t) (z*P.n_slots + c + ii)*P.ov_nb1) + ikv*D + EPL*lane);
-#pragma unroll
-                    for (int e = 0; e < EPL/2; ++e) {
-                        raw[k][e] = vr[e];
-                    }
-                }
-#pragma unroll
-                for (int k = 0; k < PB; ++k) {
-                    if (i0 + k >= n) {
-                        break;
-                    }
-                    float vals[EPL];
-#pragma unroll
-                    for (int e = 0; e < EPL/2; ++e) {
-                        const float2 f = __half22float2(*(const half2 *) &raw[k][e]);
-                        vals[2*e]     = f.x;
-                        vals[2*e + 1] = f.y;
-                    }
-                    float pj[QT];
-                    lq_load_p<QT>(s_p[i0 + k], pj);
-#pragma unroll
-                    for (int j = 0; j < QT; ++j) {
-#pragma unroll
-                        for (int e = 0; e < EPL; ++e) {
-                            acc[j][e] += pj[j]*vals[e];
-                        }
-                    }
-                }
-            }
         }
         __syncwarp();
     }
 }
 
+#ifdef AMPERE_MMA_AVAILABLE
+// d += a (16x32 u8, row) * b (32x8 s8, col), s32
+static __device__ __forceinline__ void lq_mma_u8s8(int (&d)[4], const uint32_t a0, const uint32_t a1, const uint32_t a2,
+        const uint32_t a3, const int b0, const int b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// d += a (16x16 f16, row) * b (16x8 f16, col), f32
+static __device__ __forceinline__ void lq_mma_f16(float (&d)[4], const uint32_t a0, const uint32_t a1, const uint32_t a2,
+        const uint32_t a3, const uint32_t b0, const uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The 8x8 f16 matrix whose rows the warp holds (lane: row lane/4, columns 2*(lane%4)
+// and +1), transposed, in the same layout.
+static __device__ __forceinline__ uint32_t lq_transpose8x8(const uint32_t x) {
+    uint32_t y;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+
+static __device__ __forceinline__ uint32_t lq_pack_half2(const float a, const float b) {
+    const half2 h = __floats2half2_rn(a, b);
+    return *(const uint32_t *) &h;
+}
+
+// The f16 operand of codes j (0..7) of the two cells packed in x (low and high half):
+// the 2-bit field kept where it lies, a subnormal c*4^j'*2^-24 with j' = j (j <= 4) or
+// j - 5 (shifted down first, so the bits stay in the mantissa).
+template <int J>
+static __device__ __forceinline__ uint32_t lq_v_operand(const uint32_t x, const uint32_t x_hi) {
+    return J <= 4 ? x & (0x00030003u << 2*J) : x_hi & (0x00030003u << 2*(J - 5));
+}
+
+// What multiplies a product of lq_v_operand<J> back to c.
+static __device__ __forceinline__ constexpr float lq_v_unscale(const int j) {
+    return 16777216.0f / (float) (1u << 2*(j <= 4 ? j : j - 5));
+}
+
+// The store tier of one warp on tensor cores: cells [w0, w1) of this block (which
+// starts at b0), LQ_CHUNK at a time. The lane (g, t) = (lane/4, lane%4) holds the
+// queries 2t and 2t+1 of the tile: their running max M and sum S, O = the output
+// elements 64b + 8g + j of block b (in the mma layout: tile 4b + j/2, register
+// 2*(j%2) + query), and Om = sum(p*minimum) per block over its own cells.
+template <int D, int QT>
+static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, const int w0, const int w1, const int b0,
+        const int z, const int ikv, const int qt, float (&M)[2], float (&S)[2], float (&O)[D/16][4],
+        float (&Om)[D/QK_LQ2][2], const int8_t (*s_qi8)[D], const float (*s_qd)[D/QK_LQ2],
+        const float (*s_qs)[D/QK_LQ2], const uint32_t * s_skip) {
+    constexpr int NB = D/QK_LQ2;
+    constexpr int RB = sizeof(block_lq2);
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int g = lane / 4;
+    const int t = lane % 4;
+    const int GN = P.G*P.N;
+
+    // B operands of the score products (query column g): in k-step ks of block b,
+    // rows 4t..4t+3 are values 16t + 4i + 2ks, rows 16 + 4t.. the values after them:
+    // the order in which the AND-and-shift of a code word yields them (below).
+    int qb[NB][2][2];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                uint32_t w = 0;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    w |= (uint32_t) (uint8_t) s_qi8[g][b*QK_LQ2 + 16*t + 4*i + 2*ks + h] << 8*i;
+                }
+                qb[b][ks][h] = (int) w;
+            }
+        }
+    }
+    // this lane's two queries
+    float qd[NB][2], qs[NB][2];
+    const half * mrow[2];
+    float slope[2];
+    bool qok[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int col = 2*t + e;
+        const int qi  = qt*QT + col;
+        qok[e] = col < QT && qi < GN;
+        const lq_query q = lq_query_of(P, ikv, z, qok[e] ? qi : 0);
+        mrow[e]  = q.mrow;
+        slope[e] = q.slope;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            qd[b][e] = s_qd[col][b];
+            qs[b][e] = s_qs[col][b];
+        }
+    }
+
+    const char * kbase = P.k + (int64_t) ikv*P.k_nb2 + (int64_t) z*P.k_nb3;
+    const char * vbase = P.v + (int64_t) ikv*P.v_nb2 + (int64_t) z*P.v_nb3;
+
+    for (int c0 = w0; c0 < w1; c0 += LQ_CHUNK) {
+        constexpr int NT = LQ_CHUNK/16;
+        // Every load of the chunk first. Rows: cells g and g+8 of each tile (K, the
+        // V steps, the mask); V codes: cells 2t, 2t+1, 2t+8, 2t+9 (the k of the value
+        // product), 8 codes of each (bytes 2g, 2g+1 of a block's codes). Cells past
+        // the end read the last one, weighed by nothing.
+        uint32_t kdm[NT][2][NB], kw[NT][2][NB], vdm[NT][2][NB], vc[NT][4][NB];
+        float mv[NT][2][2];
+#pragma unroll
+        for (int u = 0; u < NT; ++u) {
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                const int cell = c0 + 16*u + g + 8*s;
+                const int r = cell - b0;
+                const bool ok = cell < w1 && !((s_skip[r/32] >> (r%32)) & 1);
+                const int cl = min(cell, w1 - 1);
+                const uint32_t * kr = (const uint32_t *) (kbase + (int64_t) cl*P.k_nb1);
+                const uint32_t * vr = (const uint32_t *) (vbase + (int64_t) cl*P.v_nb1);
+#pragma unroll
+                for (int b = 0; b < NB; ++b) {
+                    kdm[u][s][b] = kr[b*RB/4];
+                    kw[u][s][b]  = kr[b*RB/4 + 1 + t];
+                    vdm[u][s][b] = vr[b*RB/4];
+                }
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    mv[u][s][e] = ok && qok[e] ? slope[e]*__half2float(mrow[e][cl]) : -INFINITY;
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int cell = c0 + 16*u + 2*t + (k/2)*8 + k%2;
+                const uint16_t * vr = (const uint16_t *) (vbase + (int64_t) min(cell, w1 - 1)*P.v_nb1);
+#pragma unroll
+                for (int b = 0; b < NB; ++b) {
+                    vc[u][k][b] = vr[b*RB/2 + 2 + g];
+                }
+            }
+        }
+
+        // scores: rows g + 8s, queries 2t + e
+        float sc[NT][2][2];
+#pragma unroll
+        for (int u = 0; u < NT; ++u) {
+            float x[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                int si[4] = {0, 0, 0, 0};
+                const uint32_t w0r = kw[u][0][b];
+                const uint32_t w1r = kw[u][1][b];
+                lq_mma_u8s8(si, w0r & 0x03030303u, w1r & 0x03030303u, (w0r >> 2) & 0x03030303u, (w1r >> 2) & 0x03030303u,
+                    qb[b][0][0], qb[b][0][1]);
+                lq_mma_u8s8(si, (w0r >> 4) & 0x03030303u, (w1r >> 4) & 0x03030303u, (w0r >> 6) & 0x03030303u,
+                    (w1r >> 6) & 0x03030303u, qb[b][1][0], qb[b][1][1]);
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    const float2 dm = __half22float2(*(const half2 *) &kdm[u][s][b]);
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        x[s][e] += dm.x*qd[b][e]*(float) si[2*s + e] + dm.y*qs[b][e];
+                    }
+                }
+            }
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float y = x[s][e]*P.scale;
+                    if (P.softcap != 0.0f) {
+                        y = P.softcap*tanhf(y);
+                    }
+                    sc[u][s][e] = mv[u][s][e] == -INFINITY ? -INFINITY : mv[u][s][e] + y;
+                }
+            }
+        }
+
+        // online softmax, per query over the chunk's cells (rows: lanes g)
+        float p[NT][2][2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int u = 0; u < NT; ++u) {
+                mx = fmaxf(mx, fmaxf(sc[u][0][e], sc[u][1][e]));
+            }
+#pragma unroll
+            for (int off = 4; off < WARP_SIZE; off *= 2) {
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off, WARP_SIZE));
+            }
+            const float Mn = fmaxf(M[e], mx);
+            if (Mn != -INFINITY) {
+                const float alpha = expf(M[e] - Mn);
+                M[e] = Mn;
+                S[e] *= alpha;
+#pragma unroll
+                for (int mt = 0; mt < D/16; ++mt) {
+                    O[mt][e]     *= alpha;
+                    O[mt][2 + e] *= alpha;
+                }
+#pragma unroll
+                for (int b = 0; b < NB; ++b) {
+                    Om[b][e] *= alpha;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < NT; ++u) {
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    p[u][s][e] = Mn == -INFINITY ? 0.0f : expf(sc[u][s][e] - Mn);
+                    S[e] += p[u][s][e];
+                }
+            }
+        }
+
+        // values
+#pragma unroll
+        for (int u = 0; u < NT; ++u) {
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                uint32_t pb[2];
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    const float2 dm = __half22float2(*(const half2 *) &vdm[u][s][b]);
+                    float pd[2];
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        // a weight of 0 never meets the step or minimum: a cell never
+                        // written may hold anything
+                        const bool w = p[u][s][e] > 0.0f;
+                        pd[e] = w ? p[u][s][e]*dm.x : 0.0f;
+                        Om[b][e] += w ? p[u][s][e]*dm.y : 0.0f;
+                    }
+                    pb[s] = lq_transpose8x8(lq_pack_half2(pd[0], pd[1]));
+                }
+                const uint32_t x0 = __byte_perm(vc[u][0][b], vc[u][1][b], 0x5410); // cells 2t, 2t+1
+                const uint32_t x1 = __byte_perm(vc[u][2][b], vc[u][3][b], 0x5410); // cells 2t+8, 2t+9
+                const uint32_t x0h = x0 >> 10;
+                const uint32_t x1h = x1 >> 10;
+                lq_mma_f16(O[4*b + 0], lq_v_operand<0>(x0, x0h), lq_v_operand<1>(x0, x0h), lq_v_operand<0>(x1, x1h), lq_v_operand<1>(x1, x1h), pb[0], pb[1]);
+                lq_mma_f16(O[4*b + 1], lq_v_operand<2>(x0, x0h), lq_v_operand<3>(x0, x0h), lq_v_operand<2>(x1, x1h), lq_v_operand<3>(x1, x1h), pb[0], pb[1]);
+                lq_mma_f16(O[4*b + 2], lq_v_operand<4>(x0, x0h), lq_v_operand<5>(x0, x0h), lq_v_operand<4>(x1, x1h), lq_v_operand<5>(x1, x1h), pb[0], pb[1]);
+                lq_mma_f16(O[4*b + 3], lq_v_operand<6>(x0, x0h), lq_v_operand<7>(x0, x0h), lq_v_operand<6>(x1, x1h), lq_v_operand<7>(x1, x1h), pb[0], pb[1]);
+            }
+        }
+    }
+}
+#endif // AMPERE_MMA_AVAILABLE
+
 template <int D, int QT>
 static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_attn_params P) {
+#ifdef AMPERE_MMA_AVAILABLE
     constexpr int EPL = D/WARP_SIZE;
     constexpr int NB  = D/QK_LQ2;
     const int warp = threadIdx.x / WARP_SIZE;
@@ -334,14 +476,19 @@ static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_at
     const int ikv  = blockIdx.y % P.n_head_kv;
     const int qt   = blockIdx.y / P.n_head_kv;
     const int GN   = P.G*P.N;
+    const int part = blockIdx.x*LQ_WARPS + warp;
+    // where query j of the tile puts this warp's partial result
+    auto part_of = [&](const int j) {
+        const int64_t qg = ((int64_t) (z*P.n_head_kv + ikv)*P.n_qtiles + qt)*QT + j;
+        return P.part + (qg*P.n_parts + part)*(2 + D);
+    };
 
-    __shared__ float    s_qf[QT][D];      // the tile's queries
-    __shared__ int32_t  s_q8[QT][D/4];    // ... as int8, in the order of the lq2 codes
-    __shared__ float    s_qd[QT][NB];     // int8 scale per 64-value block
-    __shared__ float    s_qs[QT][NB];     // sum of the int8-rounded query per block
-    __shared__ __align__(16) float s_p[LQ_WARPS][WARP_SIZE][QT]; // each cell's softmax weights
+    __shared__ float  s_qf[QT][D];         // the tile's queries
+    __shared__ int8_t s_qi8[LQ_COLS][D];   // ... rounded to int8 per 64-value block (0 past the tile)
+    __shared__ float  s_qd[LQ_COLS][NB];   // int8 scale per block
+    __shared__ float  s_qs[LQ_COLS][NB];   // sum of the int8-rounded query per block
+    __shared__ __align__(16) float s_p[LQ_WARPS][WARP_SIZE][QT]; // overlay: each slot's softmax weights
     __shared__ uint32_t s_skip[LQ_BLOCK_CELLS_MAX/32];
-    __shared__ __align__(16) uint32_t s_v[LQ_WARPS][WARP_SIZE][NB*5]; // each warp's chunk of lq2 V rows
 
     for (int idx = threadIdx.x; idx < QT*D; idx += LQ_THREADS) {
         const int j  = idx / D;
@@ -349,103 +496,151 @@ static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_at
         const int qi = qt*QT + j;
         float x = 0.0f;
         if (qi < GN) {
-            const int t = qi / P.G;
-            const int h = ikv*P.G + qi % P.G;
-            x = *(const float *) (P.q + (int64_t) d*sizeof(float) + t*P.q_nb1 + h*P.q_nb2 + z*P.q_nb3);
+            const lq_query q = lq_query_of(P, ikv, z, qi);
+            x = *(const float *) (P.q + (int64_t) d*sizeof(float) + q.t*P.q_nb1 + q.h*P.q_nb2 + z*P.q_nb3);
         }
         s_qf[j][d] = x;
     }
     __syncthreads();
 
-    const bool store = (int) blockIdx.x < P.n_split;
-    if (store) {
-        // int8 query: value 16*wi + 4*k + sh of a block is byte k of word 4*wi + sh
-        for (int pair = warp; pair < QT*NB; pair += LQ_WARPS) {
-            const int j = pair / NB;
-            const int b = pair % NB;
-            const float x0 = s_qf[j][b*QK_LQ2 + 2*lane];
-            const float x1 = s_qf[j][b*QK_LQ2 + 2*lane + 1];
-            const float amax = warp_reduce_max(fmaxf(fabsf(x0), fabsf(x1)));
-            const float dq = amax / 127.0f;
-            const float iq = dq > 0.0f ? 1.0f/dq : 0.0f;
-            const int q0 = __float2int_rn(x0*iq);
-            const int q1 = __float2int_rn(x1*iq);
-            const int sum = warp_reduce_sum(q0 + q1);
-            int8_t * bytes = (int8_t *) s_q8[j];
+    if ((int) blockIdx.x >= P.n_split) {
+        float M[QT], S[QT], acc[QT][EPL];
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int vi = 2*lane + e; // value within the block
-                bytes[b*QK_LQ2 + ((vi/16)*4 + vi % 4)*4 + (vi % 16)/4] = (int8_t) (e == 0 ? q0 : q1);
-            }
-            if (lane == 0) {
-                s_qd[j][b] = dq;
-                s_qs[j][b] = dq*(float) sum;
+        for (int j = 0; j < QT; ++j) {
+            M[j] = -INFINITY;
+            S[j] = 0.0f;
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) {
+                acc[j][e] = 0.0f;
             }
         }
-    }
-
-    float M[QT], S[QT], acc[QT][EPL];
-#pragma unroll
-    for (int j = 0; j < QT; ++j) {
-        M[j] = -INFINITY;
-        S[j] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) {
-            acc[j][e] = 0.0f;
-        }
-    }
-
-    if (store) {
-        const int b0 = blockIdx.x*P.block_cells;
-        const int b1 = min(P.n_kv, b0 + P.block_cells);
-        for (int w = threadIdx.x; w < LQ_BLOCK_CELLS_MAX/32; w += LQ_THREADS) {
-            s_skip[w] = 0;
-        }
-        __syncthreads();
-        for (int sl0 = 0; sl0 < P.n_slots; sl0 += 4*LQ_THREADS) {
-            int cs[4]; // four loads in flight, then the bits
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const int sl = sl0 + u*LQ_THREADS + threadIdx.x;
-                cs[u] = sl < P.n_slots ? P.s2c[z*P.n_slots + sl] : -1;
-            }
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                if (cs[u] >= b0 && cs[u] < b1) {
-                    atomicOr(&s_skip[(cs[u] - b0)/32], 1u << ((cs[u] - b0) % 32));
-                }
-            }
-        }
-        __syncthreads();
-        const int per_warp = P.block_cells / LQ_WARPS;
-        const int w0 = b0 + warp*per_warp;
-        const int w1 = min(b1, w0 + per_warp);
-        lq_tier<D, QT, false>(P, w0, w1, b0, z, ikv, qt, M, S, acc, s_qf, s_q8, s_qd, s_qs, s_p[warp], s_skip, s_v[warp]);
-    } else {
         const int w0 = ((int) blockIdx.x - P.n_split)*LQ_WARPS*LQ_WARP_SLOTS + warp*LQ_WARP_SLOTS;
         const int w1 = min(P.n_slots, w0 + LQ_WARP_SLOTS);
-        lq_tier<D, QT, true>(P, w0, w1, 0, z, ikv, qt, M, S, acc, s_qf, s_q8, s_qd, s_qs, s_p[warp], s_skip, s_v[warp]);
+        lq_overlay_tier<D, QT>(P, w0, w1, z, ikv, qt, M, S, acc, s_qf, s_p[warp]);
+#pragma unroll
+        for (int j = 0; j < QT; ++j) {
+            const float Sj = warp_reduce_sum(S[j]);
+            if (qt*QT + j >= GN) {
+                continue;
+            }
+            float * dstp = part_of(j);
+            if (lane == 0) {
+                dstp[0] = M[j];
+                dstp[1] = Sj;
+            }
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) {
+                dstp[2 + EPL*lane + e] = acc[j][e];
+            }
+        }
+        return;
     }
 
-    const int part = blockIdx.x*LQ_WARPS + warp;
-#pragma unroll
-    for (int j = 0; j < QT; ++j) {
-        const int qi = qt*QT + j;
-        const float Sj = warp_reduce_sum(S[j]);
-        if (qi >= GN) {
-            continue;
-        }
-        const int64_t qg = ((int64_t) (z*P.n_head_kv + ikv)*P.n_qtiles + qt)*QT + j;
-        float * dstp = P.part + (qg*P.n_parts + part)*(2 + D);
+    // int8 query, one warp per (column, block)
+    for (int pair = warp; pair < LQ_COLS*NB; pair += LQ_WARPS) {
+        const int j = pair / NB;
+        const int b = pair % NB;
+        const float x0 = j < QT ? s_qf[j][b*QK_LQ2 + 2*lane]     : 0.0f;
+        const float x1 = j < QT ? s_qf[j][b*QK_LQ2 + 2*lane + 1] : 0.0f;
+        const float amax = warp_reduce_max(fmaxf(fabsf(x0), fabsf(x1)));
+        const float dq = amax / 127.0f;
+        const float iq = dq > 0.0f ? 1.0f/dq : 0.0f;
+        const int q0 = __float2int_rn(x0*iq);
+        const int q1 = __float2int_rn(x1*iq);
+        const int sum = warp_reduce_sum(q0 + q1);
+        s_qi8[j][b*QK_LQ2 + 2*lane]     = (int8_t) q0;
+        s_qi8[j][b*QK_LQ2 + 2*lane + 1] = (int8_t) q1;
         if (lane == 0) {
-            dstp[0] = M[j];
-            dstp[1] = Sj;
-        }
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) {
-            dstp[2 + EPL*lane + e] = acc[j][e];
+            s_qd[j][b] = dq;
+            s_qs[j][b] = dq*(float) sum;
         }
     }
+
+    const int b0 = blockIdx.x*P.block_cells;
+    const int b1 = min(P.n_kv, b0 + P.block_cells);
+    for (int w = threadIdx.x; w < LQ_BLOCK_CELLS_MAX/32; w += LQ_THREADS) {
+        s_skip[w] = 0;
+    }
+    __syncthreads();
+    for (int sl0 = 0; sl0 < P.n_slots; sl0 += 4*LQ_THREADS) {
+        int cs[4]; // four loads in flight, then the bits
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int sl = sl0 + u*LQ_THREADS + threadIdx.x;
+            cs[u] = sl < P.n_slots ? P.s2c[z*P.n_slots + sl] : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            if (cs[u] >= b0 && cs[u] < b1) {
+                atomicOr(&s_skip[(cs[u] - b0)/32], 1u << ((cs[u] - b0) % 32));
+            }
+        }
+    }
+    __syncthreads();
+
+    float M[2] = {-INFINITY, -INFINITY};
+    float S[2] = {0.0f, 0.0f};
+    float O[D/16][4];
+    float Om[NB][2];
+#pragma unroll
+    for (int mt = 0; mt < D/16; ++mt) {
+        O[mt][0] = O[mt][1] = O[mt][2] = O[mt][3] = 0.0f;
+    }
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+        Om[b][0] = Om[b][1] = 0.0f;
+    }
+    const int per_warp = P.block_cells / LQ_WARPS;
+    const int w0 = b0 + warp*per_warp;
+    const int w1 = min(b1, w0 + per_warp);
+    lq_store_tier<D, QT>(P, w0, w1, b0, z, ikv, qt, M, S, O, Om, s_qi8, s_qd, s_qs, s_skip);
+
+    const int g = lane / 4;
+    const int t = lane % 4;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        // the sums over the lanes g that share a query
+        float Se = S[e];
+        float Ome[NB];
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            Ome[b] = Om[b][e];
+        }
+#pragma unroll
+        for (int off = 4; off < WARP_SIZE; off *= 2) {
+            Se += __shfl_xor_sync(0xffffffff, Se, off, WARP_SIZE);
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                Ome[b] += __shfl_xor_sync(0xffffffff, Ome[b], off, WARP_SIZE);
+            }
+        }
+        const int col = 2*t + e;
+        if (col >= QT || qt*QT + col >= GN) {
+            continue;
+        }
+        float * dstp = part_of(col);
+        if (g == 0) {
+            dstp[0] = M[e];
+            dstp[1] = Se;
+        }
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            float o[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                o[j] = O[4*b + j/2][2*(j%2) + e]*lq_v_unscale(j) + Ome[b];
+            }
+            float2 * dst2 = (float2 *) (dstp + 2 + b*QK_LQ2 + 8*g); // 2 + D is even: 8-byte aligned
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                dst2[j] = make_float2(o[2*j], o[2*j + 1]);
+            }
+        }
+    }
+#else
+    GGML_UNUSED(P);
+    NO_DEVICE_CODE;
+#endif // AMPERE_MMA_AVAILABLE
 }
 
 // One block per query: the log-sum-exp merge of the partial results, written as flash
@@ -672,6 +867,12 @@ static ggml_custom_op_t lq_custom_fun(const ggml_tensor * op) {
 bool logquant_cuda_supports_op(const ggml_tensor * op) {
     const ggml_custom_op_t fun = lq_custom_fun(op);
     if (fun == logquant_attn_compute) {
+        // the store tier runs on tensor cores (mma.sync): Ampere or newer, every device
+        for (int id = 0; id < ggml_cuda_info().device_count; ++id) {
+            if (!ampere_mma_available(ggml_cuda_info().devices[id].cc)) {
+                return false;
+            }
+        }
         const ggml_tensor * q = op->src[0];
         const ggml_tensor * k = op->src[1];
         const ggml_tensor * v = op->src[2];
