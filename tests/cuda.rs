@@ -235,9 +235,15 @@ fn a_model_on_cuda_matches_the_cpu_with_several_sequences() {
 fn time_the_attention_kernel() {
     let d = 128;
     // (logquant_attn_run_on takes up to 2^26 store values: 2 sequences at 32768)
-    for (depth, batch) in [(8192usize, 1usize), (8192, 8), (32768, 1), (32768, 2)] {
+    // TIME_CASE=i runs case i alone (for a profiler)
+    let only: Option<usize> = std::env::var("TIME_CASE").ok().and_then(|v| v.parse().ok());
+    let cases = [(8192usize, 1usize, 448i32), (8192, 8, 448), (32768, 1, 448), (32768, 2, 448), (32768, 2, 0)];
+    for (i, &(depth, batch, slots)) in cases.iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
         let n_head_kv = 8 * batch;
-        let slots: i32 = 448; // each row spans every KV head: the overlay bytes of `batch` sequences
+        // slots: each row spans every KV head, the overlay bytes of `batch` sequences (0: the store alone)
         let mut rng = Rng(depth as u64 * 31 + batch as u64);
         let q: Vec<f32> = (0..4 * n_head_kv * d).map(|_| rng.normal()).collect();
         let k: Vec<f32> = (0..depth * n_head_kv * d).map(|_| rng.normal()).collect();
@@ -269,7 +275,7 @@ fn time_the_attention_kernel() {
         let ms = two_tier_kernel::time_on(&case, GPU, 50).unwrap();
         let bytes = 2 * k_store.len() + 2 * 2 * k_overlay.len() + 2 * depth;
         eprintln!(
-            "depth {depth:5} batch {batch:2}: {:8.1} us per layer, {:7.1} MB read, {:6.0} GB/s; x32 layers {:.2} ms",
+            "depth {depth:5} batch {batch:2} slots {slots:3}: {:8.1} us per layer, {:7.1} MB read, {:6.0} GB/s; x32 layers {:.2} ms",
             ms * 1e3,
             bytes as f64 / 1e6,
             bytes as f64 / (ms * 1e-3) / 1e9,

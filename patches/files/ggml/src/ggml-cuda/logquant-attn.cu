@@ -1,10 +1,10 @@
 // LogQuant's two-tier attention and overlay write on CUDA; see logquant-attn.cuh and,
 // for the ops' sources and semantics, ggml-cpu/logquant-attn.h.
 //
-// Attention, per (stream, KV head, tile of up to 8 queries): blocks of 4 warps split
-// the store's cells (and, in extra blocks, the overlay's slots); every warp runs its
-// own online softmax and writes a partial result (max, sum, accumulator); a second
-// kernel merges the partials by log-sum-exp. One pass over the 2-bit store, never an
+// Attention, per (stream, KV head, tile of up to 8 queries): one wave of blocks of 4
+// warps splits the store's cells and the overlay's slots; every warp runs an online
+// softmax per tier it has and writes a partial result per tier (max, sum,
+// accumulator); a second kernel merges the partials by log-sum-exp. One pass over the 2-bit store, never an
 // f16 copy of it: the bytes moved per step are the store's 2.5 bits per value, the
 // overlay's f16 rows and the mask.
 //
@@ -16,7 +16,10 @@
 //    sum(p*minimum) per block on the side. A V code becomes an f16 operand with one
 //    AND: two bits at bit 2j of a half are the subnormal c*4^j*2^-24, exact, and the
 //    factor 4^j*2^-24 comes off when the partial result is written. Cells the overlay
-//    holds are skipped through a bitmap the block builds in shared memory.
+//    holds are skipped through a bitmap the block builds in shared memory. A warp
+//    copies its next 32 cells' rows into shared memory (cp.async, coalesced) while it
+//    computes the current 32: loads issued where the arithmetic needs them left the
+//    warps waiting on memory and the L1 splitting each load into 8 lines.
 //  - Overlay slots (few): lane = slot for the scores, lane = output elements for the
 //    values, f16 K and V and an f32 query, in f32.
 #include "logquant-attn.cuh"
@@ -29,9 +32,8 @@
 #define LQ_WARPS           4
 #define LQ_THREADS         (LQ_WARPS*WARP_SIZE)
 #define LQ_BLOCK_CELLS_MAX 8192 // store cells per block at most (the bitmap's size)
-#define LQ_WARP_SLOTS      32   // overlay slots per warp (one chunk: slots are few, latency rules)
 #define LQ_WARP_CELLS_MIN  64   // store cells per warp at least, where there are that many
-#define LQ_CHUNK           32   // store cells per warp and softmax update: two 16-cell tiles
+#define LQ_WARP_SLOTS      32   // overlay slots per warp in overlay blocks
 #define LQ_COLS            8    // queries per tile: the N of the tensor-core products
 
 struct lq_attn_params {
@@ -46,6 +48,7 @@ struct lq_attn_params {
     float scale, softcap, max_bias, m0, m1;
     uint32_t n_head_log2;
     int32_t n_split, block_cells; // store tier: blocks along the cells, cells per block
+    int32_t n_split_ov;           // overlay blocks after them, or 0: the store's warps share the slots
     int32_t n_qtiles, n_parts;    // query tiles per KV head; partial results per query
     float * part;                 // [query][n_parts][2 + D]: M, S, accumulator
 };
@@ -258,18 +261,67 @@ static __device__ __forceinline__ constexpr float lq_v_unscale(const int j) {
     return 16777216.0f / (float) (1u << 2*(j <= 4 ? j : j - 5));
 }
 
+// Store cells per warp and softmax update: two 16-cell tiles (one for head size 256,
+// whose staging buffers would not fit twice in 48 KiB of static shared memory).
+template <int D>
+static __host__ __device__ constexpr int lq_chunk() {
+    return D == 256 ? 16 : 32;
+}
+
+// Bytes per cp.async of a cell's lq2 row slice (NB blocks of 20 bytes, at a multiple of
+// NB*20 in the row): the widest copy its alignment allows.
+template <int NB>
+static __host__ __device__ constexpr int lq_copy_bytes() {
+    return NB % 4 == 0 ? 16 : NB % 2 == 0 ? 8 : 4;
+}
+
+// One warp stages the K and V row slices of CH cells from c0 (cells past w1 repeat
+// the last) into shared memory, without waiting: cp.async.
+template <int NB, int CH>
+static __device__ __forceinline__ void lq_stage_chunk(uint32_t * __restrict__ dst_k, uint32_t * __restrict__ dst_v,
+        const char * __restrict__ kbase, const char * __restrict__ vbase, const int64_t k_nb1, const int64_t v_nb1,
+        const int c0, const int w1) {
+    constexpr int CB    = lq_copy_bytes<NB>();
+    constexpr int ROW   = NB*(int) sizeof(block_lq2); // bytes of a cell's slice
+    constexpr int PIECES = ROW/CB;                    // copies per cell
+    const int lane = threadIdx.x % WARP_SIZE;
+    const uint32_t sk = (uint32_t) __cvta_generic_to_shared(dst_k);
+    const uint32_t sv = (uint32_t) __cvta_generic_to_shared(dst_v);
+#pragma unroll
+    for (int k = 0; k < (CH*PIECES + WARP_SIZE - 1)/WARP_SIZE; ++k) {
+        const int i    = k*WARP_SIZE + lane;
+        if ((CH*PIECES) % WARP_SIZE != 0 && i >= CH*PIECES) {
+            break;
+        }
+        const int cell = min(c0 + i/PIECES, w1 - 1);
+        const int off  = (i % PIECES)*CB;
+        const char * gk = kbase + (int64_t) cell*k_nb1 + off;
+        const char * gv = vbase + (int64_t) cell*v_nb1 + off;
+        if constexpr (CB == 16) {
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(sk + i*CB), "l"(gk));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(sv + i*CB), "l"(gv));
+        } else {
+            asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(sk + i*CB), "l"(gk), "n"(CB));
+            asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(sv + i*CB), "l"(gv), "n"(CB));
+        }
+    }
+    asm volatile("cp.async.commit_group;");
+}
+
 // The store tier of one warp on tensor cores: cells [w0, w1) of this block (which
-// starts at b0), LQ_CHUNK at a time. The lane (g, t) = (lane/4, lane%4) holds the
-// queries 2t and 2t+1 of the tile: their running max M and sum S, O = the output
-// elements 64b + 8g + j of block b (in the mma layout: tile 4b + j/2, register
-// 2*(j%2) + query), and Om = sum(p*minimum) per block over its own cells.
+// starts at b0), lq_chunk() at a time, each chunk's rows staged in shared memory (s_kv:
+// two buffers of K and V slices) while the one before is computed. The lane (g, t) =
+// (lane/4, lane%4) holds the queries 2t and 2t+1 of the tile: their running max M and
+// sum S, O = the output elements 64b + 8g + j of block b (in the mma layout: tile
+// 4b + j/2, register 2*(j%2) + query), and Om = sum(p*minimum) per block over its own
+// cells.
 template <int D, int QT>
 static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, const int w0, const int w1, const int b0,
         const int z, const int ikv, const int qt, float (&M)[2], float (&S)[2], float (&O)[D/16][4],
         float (&Om)[D/QK_LQ2][2], const int8_t (*s_qi8)[D], const float (*s_qd)[D/QK_LQ2],
-        const float (*s_qs)[D/QK_LQ2], const uint32_t * s_skip) {
+        const float (*s_qs)[D/QK_LQ2], const uint32_t * s_skip, uint32_t (*s_kv)[2][lq_chunk<D>()*D/QK_LQ2*5]) {
     constexpr int NB = D/QK_LQ2;
-    constexpr int RB = sizeof(block_lq2);
+    constexpr int RW = NB*5; // 32-bit words of a cell's slice
     const int lane = threadIdx.x % WARP_SIZE;
     const int g = lane / 4;
     const int t = lane % 4;
@@ -316,15 +368,11 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
 
     const char * kbase = P.k + (int64_t) ikv*P.k_nb2 + (int64_t) z*P.k_nb3;
     const char * vbase = P.v + (int64_t) ikv*P.v_nb2 + (int64_t) z*P.v_nb3;
+    constexpr int CH = lq_chunk<D>();
+    constexpr int NT = CH/16;
 
-    for (int c0 = w0; c0 < w1; c0 += LQ_CHUNK) {
-        constexpr int NT = LQ_CHUNK/16;
-        // Every load of the chunk first. Rows: cells g and g+8 of each tile (K, the
-        // V steps, the mask); V codes: cells 2t, 2t+1, 2t+8, 2t+9 (the k of the value
-        // product), 8 codes of each (bytes 2g, 2g+1 of a block's codes). Cells past
-        // the end read the last one, weighed by nothing.
-        uint32_t kdm[NT][2][NB], kw[NT][2][NB], vdm[NT][2][NB], vc[NT][4][NB];
-        float mv[NT][2][2];
+    // the mask of rows g + 8s of a chunk's tiles, loaded one chunk ahead (it is not staged)
+    auto load_mask = [&](const int c0, float (&mv)[NT][2][2]) {
 #pragma unroll
         for (int u = 0; u < NT; ++u) {
 #pragma unroll
@@ -332,30 +380,41 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 const int cell = c0 + 16*u + g + 8*s;
                 const int r = cell - b0;
                 const bool ok = cell < w1 && !((s_skip[r/32] >> (r%32)) & 1);
-                const int cl = min(cell, w1 - 1);
-                const uint32_t * kr = (const uint32_t *) (kbase + (int64_t) cl*P.k_nb1);
-                const uint32_t * vr = (const uint32_t *) (vbase + (int64_t) cl*P.v_nb1);
-#pragma unroll
-                for (int b = 0; b < NB; ++b) {
-                    kdm[u][s][b] = kr[b*RB/4];
-                    kw[u][s][b]  = kr[b*RB/4 + 1 + t];
-                    vdm[u][s][b] = vr[b*RB/4];
-                }
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    mv[u][s][e] = ok && qok[e] ? slope[e]*__half2float(mrow[e][cl]) : -INFINITY;
-                }
-            }
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const int cell = c0 + 16*u + 2*t + (k/2)*8 + k%2;
-                const uint16_t * vr = (const uint16_t *) (vbase + (int64_t) min(cell, w1 - 1)*P.v_nb1);
-#pragma unroll
-                for (int b = 0; b < NB; ++b) {
-                    vc[u][k][b] = vr[b*RB/2 + 2 + g];
+                    mv[u][s][e] = ok && qok[e] ? slope[e]*__half2float(mrow[e][cell]) : -INFINITY;
                 }
             }
         }
+    };
+
+    float mv_next[NT][2][2];
+    if (w0 < w1) {
+        lq_stage_chunk<NB, CH>(s_kv[0][0], s_kv[1][0], kbase, vbase, P.k_nb1, P.v_nb1, w0, w1);
+        load_mask(w0, mv_next);
+    }
+    for (int c0 = w0, it = 0; c0 < w1; c0 += CH, ++it) {
+        const int buf = it % 2;
+        float mv[NT][2][2];
+#pragma unroll
+        for (int u = 0; u < NT; ++u) {
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                mv[u][s][0] = mv_next[u][s][0];
+                mv[u][s][1] = mv_next[u][s][1];
+            }
+        }
+        if (c0 + CH < w1) {
+            lq_stage_chunk<NB, CH>(s_kv[0][1 - buf], s_kv[1][1 - buf], kbase, vbase, P.k_nb1, P.v_nb1, c0 + CH, w1);
+            load_mask(c0 + CH, mv_next);
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;" ::: "memory");
+        }
+        __syncwarp();
+        const uint32_t * sk = s_kv[0][buf];
+        const uint32_t * sv = s_kv[1][buf];
+        const uint16_t * sv16 = (const uint16_t *) sv;
 
         // scores: rows g + 8s, queries 2t + e
         float sc[NT][2][2];
@@ -364,16 +423,19 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
             float x[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
+                const uint32_t * r0 = sk + (16*u + g)*RW + 5*b;
+                const uint32_t * r1 = r0 + 8*RW;
                 int si[4] = {0, 0, 0, 0};
-                const uint32_t w0r = kw[u][0][b];
-                const uint32_t w1r = kw[u][1][b];
+                const uint32_t w0r = r0[1 + t];
+                const uint32_t w1r = r1[1 + t];
                 lq_mma_u8s8(si, w0r & 0x03030303u, w1r & 0x03030303u, (w0r >> 2) & 0x03030303u, (w1r >> 2) & 0x03030303u,
                     qb[b][0][0], qb[b][0][1]);
                 lq_mma_u8s8(si, (w0r >> 4) & 0x03030303u, (w1r >> 4) & 0x03030303u, (w0r >> 6) & 0x03030303u,
                     (w1r >> 6) & 0x03030303u, qb[b][1][0], qb[b][1][1]);
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
-                    const float2 dm = __half22float2(*(const half2 *) &kdm[u][s][b]);
+                    const uint32_t dmw = (s == 0 ? r0 : r1)[0];
+                    const float2 dm = __half22float2(*(const half2 *) &dmw);
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         x[s][e] += dm.x*qd[b][e]*(float) si[2*s + e] + dm.y*qs[b][e];
@@ -394,7 +456,7 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
         }
 
         // online softmax, per query over the chunk's cells (rows: lanes g)
-        float p[NT][2][2];
+        float Mn[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
             float mx = -INFINITY;
@@ -406,32 +468,45 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
             for (int off = 4; off < WARP_SIZE; off *= 2) {
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off, WARP_SIZE));
             }
-            const float Mn = fmaxf(M[e], mx);
-            if (Mn != -INFINITY) {
-                const float alpha = expf(M[e] - Mn);
-                M[e] = Mn;
-                S[e] *= alpha;
+            Mn[e] = fmaxf(M[e], mx);
+        }
+        // rescale only when a maximum grew somewhere in the warp (rare once the first
+        // chunks are in: the accumulators are most of the arithmetic of a chunk)
+        if (__any_sync(0xffffffff, Mn[0] != M[0] || Mn[1] != M[1])) {
+            float alpha[2];
 #pragma unroll
-                for (int mt = 0; mt < D/16; ++mt) {
-                    O[mt][e]     *= alpha;
-                    O[mt][2 + e] *= alpha;
-                }
+            for (int e = 0; e < 2; ++e) {
+                alpha[e] = Mn[e] == M[e] ? 1.0f : expf(M[e] - Mn[e]);
+                M[e] = Mn[e];
+                S[e] *= alpha[e];
 #pragma unroll
                 for (int b = 0; b < NB; ++b) {
-                    Om[b][e] *= alpha;
+                    Om[b][e] *= alpha[e];
                 }
             }
+#pragma unroll
+            for (int mt = 0; mt < D/16; ++mt) {
+                O[mt][0] *= alpha[0];
+                O[mt][1] *= alpha[1];
+                O[mt][2] *= alpha[0];
+                O[mt][3] *= alpha[1];
+            }
+        }
+        float p[NT][2][2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
 #pragma unroll
             for (int u = 0; u < NT; ++u) {
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
-                    p[u][s][e] = Mn == -INFINITY ? 0.0f : expf(sc[u][s][e] - Mn);
+                    p[u][s][e] = M[e] == -INFINITY ? 0.0f : expf(sc[u][s][e] - M[e]);
                     S[e] += p[u][s][e];
                 }
             }
         }
 
-        // values
+        // values: the V codes of cells 2t, 2t+1, 2t+8, 2t+9 of a tile (the k of the
+        // product), 8 of each: bytes 2g, 2g+1 of a block's codes
 #pragma unroll
         for (int u = 0; u < NT; ++u) {
 #pragma unroll
@@ -439,7 +514,8 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 uint32_t pb[2];
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
-                    const float2 dm = __half22float2(*(const half2 *) &vdm[u][s][b]);
+                    const uint32_t dmw = sv[(16*u + g + 8*s)*RW + 5*b];
+                    const float2 dm = __half22float2(*(const half2 *) &dmw);
                     float pd[2];
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
@@ -451,8 +527,9 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                     }
                     pb[s] = lq_transpose8x8(lq_pack_half2(pd[0], pd[1]));
                 }
-                const uint32_t x0 = __byte_perm(vc[u][0][b], vc[u][1][b], 0x5410); // cells 2t, 2t+1
-                const uint32_t x1 = __byte_perm(vc[u][2][b], vc[u][3][b], 0x5410); // cells 2t+8, 2t+9
+                const uint16_t * cv = sv16 + (16*u + 2*t)*2*RW + 10*b + 2 + g;
+                const uint32_t x0 = __byte_perm(cv[0], cv[2*RW], 0x5410);               // cells 2t, 2t+1
+                const uint32_t x1 = __byte_perm(cv[8*2*RW], cv[9*2*RW], 0x5410);        // cells 2t+8, 2t+9
                 const uint32_t x0h = x0 >> 10;
                 const uint32_t x1h = x1 >> 10;
                 lq_mma_f16(O[4*b + 0], lq_v_operand<0>(x0, x0h), lq_v_operand<1>(x0, x0h), lq_v_operand<0>(x1, x1h), lq_v_operand<1>(x1, x1h), pb[0], pb[1]);
@@ -461,12 +538,13 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 lq_mma_f16(O[4*b + 3], lq_v_operand<6>(x0, x0h), lq_v_operand<7>(x0, x0h), lq_v_operand<6>(x1, x1h), lq_v_operand<7>(x1, x1h), pb[0], pb[1]);
             }
         }
+        __syncwarp(); // the buffer is staged into again two chunks on
     }
 }
 #endif // AMPERE_MMA_AVAILABLE
 
 template <int D, int QT>
-static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_attn_params P) {
+static __global__ void __launch_bounds__(LQ_THREADS, D == 256 ? 2 : 4) lq_attn_partial(const lq_attn_params P) {
 #ifdef AMPERE_MMA_AVAILABLE
     constexpr int EPL = D/WARP_SIZE;
     constexpr int NB  = D/QK_LQ2;
@@ -476,11 +554,16 @@ static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_at
     const int ikv  = blockIdx.y % P.n_head_kv;
     const int qt   = blockIdx.y / P.n_head_kv;
     const int GN   = P.G*P.N;
+    // The overlay's slots go to blocks of their own (n_split_ov > 0: LQ_WARP_SLOTS per
+    // warp, where they are few beside the store's blocks) or are shared by the store's
+    // warps, each of which then leaves two partial results (slots at part, cells at
+    // n_split*LQ_WARPS + part): where there would be many overlay blocks, they would
+    // take GPU slots from the store's for the short time they run and leave them idle
+    // after.
     const int part = blockIdx.x*LQ_WARPS + warp;
-    // where query j of the tile puts this warp's partial result
-    auto part_of = [&](const int j) {
+    auto part_of = [&](const int j, const int p) {
         const int64_t qg = ((int64_t) (z*P.n_head_kv + ikv)*P.n_qtiles + qt)*QT + j;
-        return P.part + (qg*P.n_parts + part)*(2 + D);
+        return P.part + (qg*P.n_parts + p)*(2 + D);
     };
 
     __shared__ float  s_qf[QT][D];         // the tile's queries
@@ -489,6 +572,7 @@ static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_at
     __shared__ float  s_qs[LQ_COLS][NB];   // sum of the int8-rounded query per block
     __shared__ __align__(16) float s_p[LQ_WARPS][WARP_SIZE][QT]; // overlay: each slot's softmax weights
     __shared__ uint32_t s_skip[LQ_BLOCK_CELLS_MAX/32];
+    __shared__ __align__(16) uint32_t s_kv[LQ_WARPS][2][2][lq_chunk<D>()*NB*5]; // per warp: K|V, two buffers
 
     for (int idx = threadIdx.x; idx < QT*D; idx += LQ_THREADS) {
         const int j  = idx / D;
@@ -503,7 +587,8 @@ static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_at
     }
     __syncthreads();
 
-    if ((int) blockIdx.x >= P.n_split) {
+    const bool overlay_only = (int) blockIdx.x >= P.n_split;
+    if (P.n_split_ov == 0 || overlay_only) {
         float M[QT], S[QT], acc[QT][EPL];
 #pragma unroll
         for (int j = 0; j < QT; ++j) {
@@ -514,8 +599,10 @@ static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_at
                 acc[j][e] = 0.0f;
             }
         }
-        const int w0 = ((int) blockIdx.x - P.n_split)*LQ_WARPS*LQ_WARP_SLOTS + warp*LQ_WARP_SLOTS;
-        const int w1 = min(P.n_slots, w0 + LQ_WARP_SLOTS);
+        const int n_warps  = P.n_split*LQ_WARPS;
+        const int per_warp = overlay_only ? LQ_WARP_SLOTS : (P.n_slots + n_warps - 1) / n_warps;
+        const int w0 = min(P.n_slots, (overlay_only ? part - n_warps : part)*per_warp);
+        const int w1 = min(P.n_slots, w0 + per_warp);
         lq_overlay_tier<D, QT>(P, w0, w1, z, ikv, qt, M, S, acc, s_qf, s_p[warp]);
 #pragma unroll
         for (int j = 0; j < QT; ++j) {
@@ -523,7 +610,7 @@ static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_at
             if (qt*QT + j >= GN) {
                 continue;
             }
-            float * dstp = part_of(j);
+            float * dstp = part_of(j, overlay_only ? part : n_warps + part);
             if (lane == 0) {
                 dstp[0] = M[j];
                 dstp[1] = Sj;
@@ -533,7 +620,9 @@ static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_at
                 dstp[2 + EPL*lane + e] = acc[j][e];
             }
         }
-        return;
+        if (overlay_only) {
+            return;
+        }
     }
 
     // int8 query, one warp per (column, block)
@@ -593,7 +682,7 @@ static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_at
     const int per_warp = P.block_cells / LQ_WARPS;
     const int w0 = b0 + warp*per_warp;
     const int w1 = min(b1, w0 + per_warp);
-    lq_store_tier<D, QT>(P, w0, w1, b0, z, ikv, qt, M, S, O, Om, s_qi8, s_qd, s_qs, s_skip);
+    lq_store_tier<D, QT>(P, w0, w1, b0, z, ikv, qt, M, S, O, Om, s_qi8, s_qd, s_qs, s_skip, s_kv[warp]);
 
     const int g = lane / 4;
     const int t = lane % 4;
@@ -618,7 +707,7 @@ static __global__ void __launch_bounds__(LQ_THREADS) lq_attn_partial(const lq_at
         if (col >= QT || qt*QT + col >= GN) {
             continue;
         }
-        float * dstp = part_of(col);
+        float * dstp = part_of(col, part);
         if (g == 0) {
             dstp[0] = M[e];
             dstp[1] = Se;
@@ -722,13 +811,35 @@ static __global__ void __launch_bounds__(LQ_COMBINE_THREADS) lq_attn_combine(con
 }
 
 template <int D, int QT>
-static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, const int n_split_ov, const int n_stream, float * dst) {
+static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, const int n_stream, float * dst) {
+    // One wave: as many blocks along the cells as fit on the GPU at once (a decode step
+    // is short: a partial second wave costs about what the first does), at most
+    // LQ_BLOCK_CELLS_MAX cells each, at least LQ_WARP_CELLS_MIN cells per warp (fewer
+    // make the partials cost more than the cells).
+    static int per_sm[GGML_CUDA_MAX_DEVICES] = {};
+    if (per_sm[ctx.device] == 0) {
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[ctx.device], lq_attn_partial<D, QT>, LQ_THREADS, 0));
+        per_sm[ctx.device] = std::max(1, per_sm[ctx.device]);
+    }
+    const int resident  = per_sm[ctx.device]*ggml_cuda_info().devices[ctx.device].nsm;
+    const int base      = P.n_head_kv*P.n_qtiles*n_stream;
+    const int min_split = (P.n_kv + LQ_BLOCK_CELLS_MAX - 1) / LQ_BLOCK_CELLS_MAX;
+    const int max_split = std::max(1, P.n_kv / (LQ_WARPS*LQ_WARP_CELLS_MIN));
+    // overlay blocks of their own where they are at most a quarter of the wave
+    const int ov_blocks = (P.n_slots + LQ_WARPS*LQ_WARP_SLOTS - 1) / (LQ_WARPS*LQ_WARP_SLOTS);
+    P.n_split_ov = 4*ov_blocks*base <= resident ? ov_blocks : 0;
+    const int n_split   = std::max(min_split, std::min(max_split, (resident - P.n_split_ov*base) / base));
+    int block_cells = (P.n_kv + n_split - 1) / n_split;
+    block_cells = (block_cells + LQ_THREADS - 1) / LQ_THREADS * LQ_THREADS;
+    P.block_cells = block_cells;
+    P.n_split     = (P.n_kv + block_cells - 1) / block_cells;
+
     const int n_q_per_kv = P.n_qtiles*QT;
-    P.n_parts = (P.n_split + n_split_ov)*LQ_WARPS;
+    P.n_parts = (P.n_split_ov > 0 ? P.n_split + P.n_split_ov : 2*P.n_split)*LQ_WARPS;
     ggml_cuda_pool_alloc<float> part(ctx.pool(), (size_t) n_stream*P.n_head_kv*n_q_per_kv*P.n_parts*(2 + D));
     P.part = part.get();
     cudaStream_t stream = ctx.stream();
-    const dim3 grid(P.n_split + n_split_ov, P.n_head_kv*P.n_qtiles, n_stream);
+    const dim3 grid(P.n_split + P.n_split_ov, P.n_head_kv*P.n_qtiles, n_stream);
     lq_attn_partial<D, QT><<<grid, LQ_THREADS, 0, stream>>>(P);
     const dim3 grid_c(n_q_per_kv, P.n_head_kv, n_stream);
     lq_attn_combine<D><<<grid_c, LQ_COMBINE_THREADS, P.n_parts*sizeof(float), stream>>>(P.part, dst, P.n_parts, P.n_head_kv, n_q_per_kv, P.G, P.N, P.n_head);
@@ -736,12 +847,12 @@ static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, co
 }
 
 template <int D>
-static void lq_attn_dispatch_qt(ggml_backend_cuda_context & ctx, lq_attn_params P, int QT, int n_split_ov, int n_stream, float * dst) {
+static void lq_attn_dispatch_qt(ggml_backend_cuda_context & ctx, lq_attn_params P, int QT, int n_stream, float * dst) {
     switch (QT) {
-        case 1: lq_attn_launch<D, 1>(ctx, P, n_split_ov, n_stream, dst); break;
-        case 2: lq_attn_launch<D, 2>(ctx, P, n_split_ov, n_stream, dst); break;
-        case 4: lq_attn_launch<D, 4>(ctx, P, n_split_ov, n_stream, dst); break;
-        default: lq_attn_launch<D, 8>(ctx, P, n_split_ov, n_stream, dst); break;
+        case 1: lq_attn_launch<D, 1>(ctx, P, n_stream, dst); break;
+        case 2: lq_attn_launch<D, 2>(ctx, P, n_stream, dst); break;
+        case 4: lq_attn_launch<D, 4>(ctx, P, n_stream, dst); break;
+        default: lq_attn_launch<D, 8>(ctx, P, n_stream, dst); break;
     }
 }
 
@@ -790,26 +901,12 @@ static void lq_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     }
     P.n_qtiles = (GN + QT - 1) / QT;
 
-    // Enough blocks for four per multiprocessor (a decode step is short: latency, not
-    // bandwidth, is what few blocks lose), at most LQ_BLOCK_CELLS_MAX cells each, at
-    // least LQ_WARP_CELLS_MIN cells per warp (fewer make the partials cost more than
-    // the cells).
-    const int nsm       = ggml_cuda_info().devices[ctx.device].nsm;
-    const int base      = P.n_head_kv*P.n_qtiles*n_stream;
-    const int min_split = (P.n_kv + LQ_BLOCK_CELLS_MAX - 1) / LQ_BLOCK_CELLS_MAX;
-    const int max_split = std::max(1, P.n_kv / (LQ_WARPS*LQ_WARP_CELLS_MIN));
-    int n_split = std::max(min_split, std::min(max_split, (4*nsm + base - 1) / base));
-    int block_cells = (P.n_kv + n_split - 1) / n_split;
-    block_cells = (block_cells + LQ_THREADS - 1) / LQ_THREADS * LQ_THREADS;
-    P.block_cells = block_cells;
-    P.n_split     = (P.n_kv + block_cells - 1) / block_cells;
-    const int n_split_ov = (P.n_slots + LQ_WARPS*LQ_WARP_SLOTS - 1) / (LQ_WARPS*LQ_WARP_SLOTS);
 
     float * out = (float *) dst->data;
     switch (D) {
-        case  64: lq_attn_dispatch_qt< 64>(ctx, P, QT, n_split_ov, n_stream, out); break;
-        case 128: lq_attn_dispatch_qt<128>(ctx, P, QT, n_split_ov, n_stream, out); break;
-        case 256: lq_attn_dispatch_qt<256>(ctx, P, QT, n_split_ov, n_stream, out); break;
+        case  64: lq_attn_dispatch_qt< 64>(ctx, P, QT, n_stream, out); break;
+        case 128: lq_attn_dispatch_qt<128>(ctx, P, QT, n_stream, out); break;
+        case 256: lq_attn_dispatch_qt<256>(ctx, P, QT, n_stream, out); break;
         default: GGML_ABORT("logquant attention: head size %d", D); // supports_op refused it
     }
 }
