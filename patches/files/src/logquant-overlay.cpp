@@ -15,6 +15,34 @@
 #include <map>
 #include <string>
 
+// The two-tier attention op over fresh tensors of the layout the cache hands to the
+// kernel: q [D, tokens, heads, 1], K and V [D, cells, kv heads, 1], the mask, the
+// overlay's K and V rows and the slot -> cell map (`rows` slots).
+struct attn_op {
+    ggml_tensor * q, * k, * v, * mask, * k_ov, * v_ov, * s2c, * out;
+};
+
+static attn_op new_attn_op(ggml_context * ctx, int64_t D, int64_t n_head, int64_t n_head_kv, int64_t n_tokens,
+                           int64_t n_kv, int64_t rows, logquant_attn_layer * layer) {
+    attn_op op;
+    op.q    = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, n_head, n_tokens);
+    op.k    = ggml_new_tensor_3d(ctx, GGML_TYPE_LQ2, D, n_head_kv, n_kv);
+    op.v    = ggml_new_tensor_3d(ctx, GGML_TYPE_LQ2, D, n_head_kv, n_kv);
+    op.mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, n_kv, n_tokens, 1, 1);
+    op.k_ov = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*n_head_kv, rows);
+    op.v_ov = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*n_head_kv, rows);
+    op.s2c  = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, rows, 1);
+    ggml_tensor * args[] = {
+        ggml_permute(ctx, ggml_reshape_4d(ctx, op.q, D, n_head, n_tokens, 1), 0, 2, 1, 3),
+        ggml_permute(ctx, ggml_reshape_4d(ctx, op.k, D, n_head_kv, n_kv, 1), 0, 2, 1, 3),
+        ggml_permute(ctx, ggml_reshape_4d(ctx, op.v, D, n_head_kv, n_kv, 1), 0, 2, 1, 3),
+        op.mask, op.k_ov, op.v_ov, op.s2c,
+    };
+    op.out = ggml_custom_4d(ctx, GGML_TYPE_F32, D, n_head, n_tokens, 1, args, 7, logquant_attn_compute,
+                            GGML_N_TASKS_MAX, layer);
+    return op;
+}
+
 // Whether device dev runs the two-tier attention op for heads of size D, asked as the
 // scheduler asks (with a stand-in op of that shape): what a device refuses, the
 // scheduler would run on the CPU, copying the whole cache there every step.
@@ -22,25 +50,13 @@ static bool attn_runs_on(ggml_backend_dev_t dev, int64_t D, int64_t n_head_kv) {
     if (dev == nullptr) {
         return false;
     }
-    ggml_init_params params = { 16*ggml_tensor_overhead(), nullptr, true };
+    ggml_init_params params = { 32*ggml_tensor_overhead(), nullptr, true };
     ggml_context * ctx = ggml_init(params);
     if (ctx == nullptr) {
         return false;
     }
-    const int64_t n_kv = 256;
-    ggml_tensor * args[] = {
-        ggml_new_tensor_4d(ctx, GGML_TYPE_F32, D, 1, n_head_kv, 1),    // q
-        ggml_new_tensor_4d(ctx, GGML_TYPE_LQ2, D, n_kv, n_head_kv, 1), // k
-        ggml_new_tensor_4d(ctx, GGML_TYPE_LQ2, D, n_kv, n_head_kv, 1), // v
-        ggml_new_tensor_4d(ctx, GGML_TYPE_F16, n_kv, 1, 1, 1),         // mask
-        ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*n_head_kv, 1),        // overlay K
-        ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*n_head_kv, 1),        // overlay V
-        ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, 1),                  // slot -> cell
-    };
     logquant_attn_layer layer = { nullptr, 1.0f, 0.0f, 0.0f };
-    ggml_tensor * op = ggml_custom_4d(ctx, GGML_TYPE_F32, D, n_head_kv, 1, 1, args, 7, logquant_attn_compute,
-                                      GGML_N_TASKS_MAX, &layer);
-    const bool ok = ggml_backend_dev_supports_op(dev, op);
+    const bool ok = ggml_backend_dev_supports_op(dev, new_attn_op(ctx, D, n_head_kv, n_head_kv, 1, 256, 1, &layer).out);
     ggml_free(ctx);
     return ok;
 }
@@ -604,14 +620,6 @@ static bool attn_case(const struct logquant_attn_case * c, const char * backend_
     }
     ggml_init_params params = { 64*ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true };
     ggml_context * ctx = ggml_init(params);
-    ggml_tensor * q   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, c->n_head, c->n_tokens);
-    ggml_tensor * k   = ggml_new_tensor_3d(ctx, GGML_TYPE_LQ2, D, c->n_head_kv, c->n_kv);
-    ggml_tensor * v   = ggml_new_tensor_3d(ctx, GGML_TYPE_LQ2, D, c->n_head_kv, c->n_kv);
-    ggml_tensor * m   = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, c->n_kv, c->n_tokens, 1, 1);
-    ggml_tensor * ko  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*c->n_head_kv, rows);
-    ggml_tensor * vo  = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*c->n_head_kv, rows);
-    ggml_tensor * s2c = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, rows, 1);
-
     logquant_attn_state state = {};
     state.n_slots      = c->n_slots;
     state.n_cells      = c->n_kv;
@@ -620,35 +628,27 @@ static bool attn_case(const struct logquant_attn_case * c, const char * backend_
     state.n_tokens     = c->n_tokens;
     logquant_attn_layer layer = { &state, c->scale, 0.0f, 0.0f };
 
-    // the layout the cache hands to the kernel: [D, tokens, heads, 1] and [D, cells, kv heads, 1]
-    ggml_tensor * args[] = {
-        ggml_permute(ctx, ggml_reshape_4d(ctx, q, D, c->n_head, c->n_tokens, 1), 0, 2, 1, 3),
-        ggml_permute(ctx, ggml_reshape_4d(ctx, k, D, c->n_head_kv, c->n_kv, 1), 0, 2, 1, 3),
-        ggml_permute(ctx, ggml_reshape_4d(ctx, v, D, c->n_head_kv, c->n_kv, 1), 0, 2, 1, 3),
-        m, ko, vo, s2c,
-    };
-    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, D, c->n_head, c->n_tokens, 1, args, 7,
-                                       logquant_attn_compute, GGML_N_TASKS_MAX, &layer);
+    const attn_op op = new_attn_op(ctx, D, c->n_head, c->n_head_kv, c->n_tokens, c->n_kv, rows, &layer);
     ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, out);
+    ggml_build_forward_expand(gf, op.out);
 
     ggml_backend_buffer_ptr buf;
-    const bool ok = compute_on(backend, ctx, gf, out, buf, [&] {
-        ggml_backend_tensor_set(q, c->q, 0, ggml_nbytes(q));
-        ggml_backend_tensor_set(k, c->k_store, 0, ggml_nbytes(k));
-        ggml_backend_tensor_set(v, c->v_store, 0, ggml_nbytes(v));
+    const bool ok = compute_on(backend, ctx, gf, op.out, buf, [&] {
+        ggml_backend_tensor_set(op.q, c->q, 0, ggml_nbytes(op.q));
+        ggml_backend_tensor_set(op.k, c->k_store, 0, ggml_nbytes(op.k));
+        ggml_backend_tensor_set(op.v, c->v_store, 0, ggml_nbytes(op.v));
         std::vector<ggml_fp16_t> mh(size_t(c->n_kv)*c->n_tokens);
         ggml_fp32_to_fp16_row(c->mask, mh.data(), int64_t(mh.size()));
-        ggml_backend_tensor_set(m, mh.data(), 0, ggml_nbytes(m));
-        std::vector<uint8_t> zero(ggml_nbytes(ko), 0);
-        ggml_backend_tensor_set(ko, c->n_slots > 0 ? (const void *) c->k_overlay : zero.data(), 0, ggml_nbytes(ko));
-        ggml_backend_tensor_set(vo, c->n_slots > 0 ? (const void *) c->v_overlay : zero.data(), 0, ggml_nbytes(vo));
+        ggml_backend_tensor_set(op.mask, mh.data(), 0, ggml_nbytes(op.mask));
+        std::vector<uint8_t> zero(ggml_nbytes(op.k_ov), 0);
+        ggml_backend_tensor_set(op.k_ov, c->n_slots > 0 ? (const void *) c->k_overlay : zero.data(), 0, ggml_nbytes(op.k_ov));
+        ggml_backend_tensor_set(op.v_ov, c->n_slots > 0 ? (const void *) c->v_overlay : zero.data(), 0, ggml_nbytes(op.v_ov));
         std::vector<int32_t> s2c_data(rows, -1);
         std::copy_n(c->slot_to_cell, c->n_slots, s2c_data.begin());
-        ggml_backend_tensor_set(s2c, s2c_data.data(), 0, ggml_nbytes(s2c));
+        ggml_backend_tensor_set(op.s2c, s2c_data.data(), 0, ggml_nbytes(op.s2c));
     }, reps, ms);
     if (ok) {
-        ggml_backend_tensor_get(out, c->out, 0, ggml_nbytes(out));
+        ggml_backend_tensor_get(op.out, c->out, 0, ggml_nbytes(op.out));
     }
     buf.reset();
     ggml_free(ctx);

@@ -88,14 +88,33 @@ static __device__ __forceinline__ void lq_load_p(const float * __restrict__ row,
     }
 }
 
-// The overlay tier of one warp: slots [w0, w1), f16 K and V, in f32.
+// Partial result p of query j of tile qt of KV head ikv of stream z: M, S, accumulator.
+template <int D, int QT>
+static __device__ __forceinline__ float * lq_part(const lq_attn_params & P, const int z, const int ikv, const int qt,
+        const int j, const int p) {
+    const int64_t qg = ((int64_t) (z*P.n_head_kv + ikv)*P.n_qtiles + qt)*QT + j;
+    return P.part + (qg*P.n_parts + p)*(2 + D);
+}
+
+// The overlay tier of one warp: slots [w0, w1), f16 K and V, in f32; its partial
+// result is number p.
 template <int D, int QT>
 static __device__ __forceinline__ void lq_overlay_tier(const lq_attn_params & P, const int w0, const int w1,
-        const int z, const int ikv, const int qt, float (&M)[QT], float (&S)[QT], float (&acc)[QT][D/WARP_SIZE],
-        const float (*s_qf)[D], float (*s_p)[QT]) {
+        const int z, const int ikv, const int qt, const float (*s_qf)[D], float (*s_p)[QT], const int p) {
     constexpr int EPL = D/WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     const int GN   = P.G*P.N;
+
+    float M[QT], S[QT], acc[QT][EPL];
+#pragma unroll
+    for (int j = 0; j < QT; ++j) {
+        M[j] = -INFINITY;
+        S[j] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) {
+            acc[j][e] = 0.0f;
+        }
+    }
 
     for (int c = w0; c < w1; c += WARP_SIZE) {
         const int i = c + lane; // this lane's slot
@@ -216,6 +235,23 @@ static __device__ __forceinline__ void lq_overlay_tier(const lq_attn_params & P,
         }
         __syncwarp();
     }
+
+#pragma unroll
+    for (int j = 0; j < QT; ++j) {
+        const float Sj = warp_reduce_sum(S[j]);
+        if (qt*QT + j >= GN) {
+            continue;
+        }
+        float * dstp = lq_part<D, QT>(P, z, ikv, qt, j, p);
+        if (lane == 0) {
+            dstp[0] = M[j];
+            dstp[1] = Sj;
+        }
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) {
+            dstp[2 + EPL*lane + e] = acc[j][e];
+        }
+    }
 }
 
 #ifdef AMPERE_MMA_AVAILABLE
@@ -310,22 +346,35 @@ static __device__ __forceinline__ void lq_stage_chunk(uint32_t * __restrict__ ds
 
 // The store tier of one warp on tensor cores: cells [w0, w1) of this block (which
 // starts at b0), lq_chunk() at a time, each chunk's rows staged in shared memory (s_kv:
-// two buffers of K and V slices) while the one before is computed. The lane (g, t) =
-// (lane/4, lane%4) holds the queries 2t and 2t+1 of the tile: their running max M and
-// sum S, O = the output elements 64b + 8g + j of block b (in the mma layout: tile
-// 4b + j/2, register 2*(j%2) + query), and Om = sum(p*minimum) per block over its own
-// cells.
+// two buffers of K and V slices) while the one before is computed; its partial result
+// is number p. The lane (g, t) = (lane/4, lane%4) holds the queries 2t and
+// 2t+1 of the tile: their running max M and sum S, O = the output elements 64b + 8g + j
+// of block b (in the mma layout: tile 4b + j/2, register 2*(j%2) + query), and Om =
+// sum(p*minimum) per block over its own cells.
 template <int D, int QT>
 static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, const int w0, const int w1, const int b0,
-        const int z, const int ikv, const int qt, float (&M)[2], float (&S)[2], float (&O)[D/16][4],
-        float (&Om)[D/QK_LQ2][2], const int8_t (*s_qi8)[D], const float (*s_qd)[D/QK_LQ2],
-        const float (*s_qs)[D/QK_LQ2], const uint32_t * s_skip, uint32_t (*s_kv)[2][lq_chunk<D>()*D/QK_LQ2*5]) {
+        const int z, const int ikv, const int qt, const int8_t (*s_qi8)[D], const float (*s_qd)[D/QK_LQ2],
+        const float (*s_qs)[D/QK_LQ2], const uint32_t * s_skip, uint32_t (*s_kv)[2][lq_chunk<D>()*D/QK_LQ2*5],
+        const int p) {
     constexpr int NB = D/QK_LQ2;
     constexpr int RW = NB*5; // 32-bit words of a cell's slice
     const int lane = threadIdx.x % WARP_SIZE;
     const int g = lane / 4;
     const int t = lane % 4;
     const int GN = P.G*P.N;
+
+    float M[2] = {-INFINITY, -INFINITY};
+    float S[2] = {0.0f, 0.0f};
+    float O[D/16][4];
+    float Om[NB][2];
+#pragma unroll
+    for (int mt = 0; mt < D/16; ++mt) {
+        O[mt][0] = O[mt][1] = O[mt][2] = O[mt][3] = 0.0f;
+    }
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+        Om[b][0] = Om[b][1] = 0.0f;
+    }
 
     // B operands of the score products (query column g): in k-step ks of block b,
     // rows 4t..4t+3 are values 16t + 4i + 2ks, rows 16 + 4t.. the values after them:
@@ -538,7 +587,48 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 lq_mma_f16(O[4*b + 3], lq_v_operand<6>(x0, x0h), lq_v_operand<7>(x0, x0h), lq_v_operand<6>(x1, x1h), lq_v_operand<7>(x1, x1h), pb[0], pb[1]);
             }
         }
-        __syncwarp(); // the buffer is staged into again two chunks on
+        __syncwarp(); // the next iteration stages into this buffer
+    }
+
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        // the sums over the lanes g that share a query
+        float Se = S[e];
+        float Ome[NB];
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            Ome[b] = Om[b][e];
+        }
+#pragma unroll
+        for (int off = 4; off < WARP_SIZE; off *= 2) {
+            Se += __shfl_xor_sync(0xffffffff, Se, off, WARP_SIZE);
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                Ome[b] += __shfl_xor_sync(0xffffffff, Ome[b], off, WARP_SIZE);
+            }
+        }
+        const int col = 2*t + e;
+        if (col >= QT || qt*QT + col >= GN) {
+            continue;
+        }
+        float * dstp = lq_part<D, QT>(P, z, ikv, qt, col, p);
+        if (g == 0) {
+            dstp[0] = M[e];
+            dstp[1] = Se;
+        }
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            float o[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                o[j] = O[4*b + j/2][2*(j%2) + e]*lq_v_unscale(j) + Ome[b];
+            }
+            float2 * dst2 = (float2 *) (dstp + 2 + b*QK_LQ2 + 8*g); // 2 + D is even: 8-byte aligned
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                dst2[j] = make_float2(o[2*j], o[2*j + 1]);
+            }
+        }
     }
 }
 #endif // AMPERE_MMA_AVAILABLE
@@ -546,7 +636,6 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
 template <int D, int QT>
 static __global__ void __launch_bounds__(LQ_THREADS, D == 256 ? 2 : 4) lq_attn_partial(const lq_attn_params P) {
 #ifdef AMPERE_MMA_AVAILABLE
-    constexpr int EPL = D/WARP_SIZE;
     constexpr int NB  = D/QK_LQ2;
     const int warp = threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
@@ -561,10 +650,6 @@ static __global__ void __launch_bounds__(LQ_THREADS, D == 256 ? 2 : 4) lq_attn_p
     // take GPU slots from the store's for the short time they run and leave them idle
     // after.
     const int part = blockIdx.x*LQ_WARPS + warp;
-    auto part_of = [&](const int j, const int p) {
-        const int64_t qg = ((int64_t) (z*P.n_head_kv + ikv)*P.n_qtiles + qt)*QT + j;
-        return P.part + (qg*P.n_parts + p)*(2 + D);
-    };
 
     __shared__ float  s_qf[QT][D];         // the tile's queries
     __shared__ int8_t s_qi8[LQ_COLS][D];   // ... rounded to int8 per 64-value block (0 past the tile)
@@ -589,37 +674,11 @@ static __global__ void __launch_bounds__(LQ_THREADS, D == 256 ? 2 : 4) lq_attn_p
 
     const bool overlay_only = (int) blockIdx.x >= P.n_split;
     if (P.n_split_ov == 0 || overlay_only) {
-        float M[QT], S[QT], acc[QT][EPL];
-#pragma unroll
-        for (int j = 0; j < QT; ++j) {
-            M[j] = -INFINITY;
-            S[j] = 0.0f;
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) {
-                acc[j][e] = 0.0f;
-            }
-        }
         const int n_warps  = P.n_split*LQ_WARPS;
         const int per_warp = overlay_only ? LQ_WARP_SLOTS : (P.n_slots + n_warps - 1) / n_warps;
         const int w0 = min(P.n_slots, (overlay_only ? part - n_warps : part)*per_warp);
         const int w1 = min(P.n_slots, w0 + per_warp);
-        lq_overlay_tier<D, QT>(P, w0, w1, z, ikv, qt, M, S, acc, s_qf, s_p[warp]);
-#pragma unroll
-        for (int j = 0; j < QT; ++j) {
-            const float Sj = warp_reduce_sum(S[j]);
-            if (qt*QT + j >= GN) {
-                continue;
-            }
-            float * dstp = part_of(j, overlay_only ? part : n_warps + part);
-            if (lane == 0) {
-                dstp[0] = M[j];
-                dstp[1] = Sj;
-            }
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) {
-                dstp[2 + EPL*lane + e] = acc[j][e];
-            }
-        }
+        lq_overlay_tier<D, QT>(P, w0, w1, z, ikv, qt, s_qf, s_p[warp], overlay_only ? part : n_warps + part);
         if (overlay_only) {
             return;
         }
@@ -667,65 +726,10 @@ static __global__ void __launch_bounds__(LQ_THREADS, D == 256 ? 2 : 4) lq_attn_p
     }
     __syncthreads();
 
-    float M[2] = {-INFINITY, -INFINITY};
-    float S[2] = {0.0f, 0.0f};
-    float O[D/16][4];
-    float Om[NB][2];
-#pragma unroll
-    for (int mt = 0; mt < D/16; ++mt) {
-        O[mt][0] = O[mt][1] = O[mt][2] = O[mt][3] = 0.0f;
-    }
-#pragma unroll
-    for (int b = 0; b < NB; ++b) {
-        Om[b][0] = Om[b][1] = 0.0f;
-    }
     const int per_warp = P.block_cells / LQ_WARPS;
     const int w0 = b0 + warp*per_warp;
     const int w1 = min(b1, w0 + per_warp);
-    lq_store_tier<D, QT>(P, w0, w1, b0, z, ikv, qt, M, S, O, Om, s_qi8, s_qd, s_qs, s_skip, s_kv[warp]);
-
-    const int g = lane / 4;
-    const int t = lane % 4;
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-        // the sums over the lanes g that share a query
-        float Se = S[e];
-        float Ome[NB];
-#pragma unroll
-        for (int b = 0; b < NB; ++b) {
-            Ome[b] = Om[b][e];
-        }
-#pragma unroll
-        for (int off = 4; off < WARP_SIZE; off *= 2) {
-            Se += __shfl_xor_sync(0xffffffff, Se, off, WARP_SIZE);
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-                Ome[b] += __shfl_xor_sync(0xffffffff, Ome[b], off, WARP_SIZE);
-            }
-        }
-        const int col = 2*t + e;
-        if (col >= QT || qt*QT + col >= GN) {
-            continue;
-        }
-        float * dstp = part_of(col, part);
-        if (g == 0) {
-            dstp[0] = M[e];
-            dstp[1] = Se;
-        }
-#pragma unroll
-        for (int b = 0; b < NB; ++b) {
-            float o[8];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                o[j] = O[4*b + j/2][2*(j%2) + e]*lq_v_unscale(j) + Ome[b];
-            }
-            float2 * dst2 = (float2 *) (dstp + 2 + b*QK_LQ2 + 8*g); // 2 + D is even: 8-byte aligned
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                dst2[j] = make_float2(o[2*j], o[2*j + 1]);
-            }
-        }
-    }
+    lq_store_tier<D, QT>(P, w0, w1, b0, z, ikv, qt, s_qi8, s_qd, s_qs, s_skip, s_kv[warp], part);
 #else
     GGML_UNUSED(P);
     NO_DEVICE_CODE;
