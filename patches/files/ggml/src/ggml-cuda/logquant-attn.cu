@@ -16,10 +16,14 @@
 //    sum(p*minimum) per block on the side. A V code becomes an f16 operand with one
 //    AND: two bits at bit 2j of a half are the subnormal c*4^j*2^-24, exact, and the
 //    factor 4^j*2^-24 comes off when the partial result is written. Cells the overlay
-//    holds are skipped through a bitmap the block builds in shared memory. A warp
-//    copies its next 32 cells' rows into shared memory (cp.async, coalesced) while it
-//    computes the current 32: loads issued where the arithmetic needs them left the
-//    warps waiting on memory and the L1 splitting each load into 8 lines.
+//    holds are skipped through a bitmap the block builds in shared memory; in a decode
+//    step (one mask row for the tile, only 0 and -inf) the masked cells join it and
+//    the store tier reads no mask. A warp copies its next 32 cells' rows into shared
+//    memory (cp.async, coalesced) while it computes the current 32: loads issued where
+//    the arithmetic needs them left the warps waiting on memory and the L1 splitting
+//    each load into 8 lines. With 4 queries or fewer (GQA up to 4 at decode) the two
+//    16-cell tiles of a chunk use the two halves of the 8 product columns, so that no
+//    lane spends the softmax on empty columns.
 //  - Overlay slots (few): lane = slot for the scores, lane = output elements for the
 //    values, f16 K and V and an f32 query, in f32.
 #include "logquant-attn.cuh"
@@ -311,37 +315,109 @@ static __host__ __device__ constexpr int lq_copy_bytes() {
     return NB % 4 == 0 ? 16 : NB % 2 == 0 ? 8 : 4;
 }
 
-// One warp stages the K and V row slices of CH cells from c0 (cells past w1 repeat
-// the last) into shared memory, without waiting: cp.async.
+// How one warp stages a chunk's K and V row slices (lq_stage_chunk): copy k of a lane
+// takes piece (32k + lane) % PIECES of cell (32k + lane) / PIECES, the same in every
+// chunk, so its offsets are computed once.
 template <int NB, int CH>
-static __device__ __forceinline__ void lq_stage_chunk(uint32_t * __restrict__ dst_k, uint32_t * __restrict__ dst_v,
-        const char * __restrict__ kbase, const char * __restrict__ vbase, const int64_t k_nb1, const int64_t v_nb1,
-        const int c0, const int w1) {
-    constexpr int CB    = lq_copy_bytes<NB>();
-    constexpr int ROW   = NB*(int) sizeof(block_lq2); // bytes of a cell's slice
-    constexpr int PIECES = ROW/CB;                    // copies per cell
-    const int lane = threadIdx.x % WARP_SIZE;
-    const uint32_t sk = (uint32_t) __cvta_generic_to_shared(dst_k);
-    const uint32_t sv = (uint32_t) __cvta_generic_to_shared(dst_v);
+struct lq_stage_plan {
+    static constexpr int CB     = lq_copy_bytes<NB>();
+    static constexpr int ROW    = NB*(int) sizeof(block_lq2); // bytes of a cell's slice
+    static constexpr int PIECES = ROW/CB;                    // copies per cell
+    static constexpr int ITER   = (CH*PIECES + WARP_SIZE - 1)/WARP_SIZE;
+    static constexpr int WORDS  = CH*ROW/4;                  // 32-bit words of one buffer
+    uint32_t off[ITER]; // bytes from the chunk's first row: (cell - c0)*nb1 + piece*CB
+    uint32_t dst;   // shared address of copy 0 into buffer 0 of K (s_kv: [K|V][2][WORDS])
+
+    __device__ __forceinline__ lq_stage_plan(const int64_t nb1, const uint32_t * s_kv) {
+        const int lane = threadIdx.x % WARP_SIZE;
 #pragma unroll
-    for (int k = 0; k < (CH*PIECES + WARP_SIZE - 1)/WARP_SIZE; ++k) {
-        const int i    = k*WARP_SIZE + lane;
-        if ((CH*PIECES) % WARP_SIZE != 0 && i >= CH*PIECES) {
-            break;
+        for (int k = 0; k < ITER; ++k) {
+            const int i = k*WARP_SIZE + lane;
+            off[k] = (uint32_t) ((i/PIECES)*(int) nb1 + (i % PIECES)*CB);
         }
-        const int cell = min(c0 + i/PIECES, w1 - 1);
-        const int off  = (i % PIECES)*CB;
-        const char * gk = kbase + (int64_t) cell*k_nb1 + off;
-        const char * gv = vbase + (int64_t) cell*v_nb1 + off;
-        if constexpr (CB == 16) {
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(sk + i*CB), "l"(gk));
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(sv + i*CB), "l"(gv));
-        } else {
-            asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(sk + i*CB), "l"(gk), "n"(CB));
-            asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(sv + i*CB), "l"(gv), "n"(CB));
+        dst = (uint32_t) __cvta_generic_to_shared(s_kv) + lane*CB;
+    }
+};
+
+// One warp stages the K and V row slices of CH cells from c0 (cells past w1 repeat
+// the last) into buffer buf of shared memory, without waiting: cp.async. kc and vc
+// point at cell c0's rows. Whole chunks (lq_stage_whole) take the plan's offsets;
+// otherwise, as for the last, partial chunk, the offsets are computed here.
+template <int NB, int CH>
+static __device__ __forceinline__ void lq_stage_chunk(const lq_stage_plan<NB, CH> & plan, const int buf,
+        const char * __restrict__ kc, const char * __restrict__ vc, const int64_t k_nb1, const int64_t v_nb1,
+        const bool whole, const int n_left) {
+    using PL = lq_stage_plan<NB, CH>;
+    constexpr int CB = PL::CB;
+    constexpr int N  = CH*PL::PIECES;
+    const uint32_t dk = plan.dst + buf*PL::WORDS*4;
+    const uint32_t dv = dk + 2*PL::WORDS*4;
+    if (whole) {
+#pragma unroll
+        for (int k = 0; k < PL::ITER; ++k) {
+            if (N % WARP_SIZE != 0 && k*WARP_SIZE + (int) (threadIdx.x % WARP_SIZE) >= N) {
+                break;
+            }
+            const char * gk = kc + plan.off[k];
+            const char * gv = vc + plan.off[k];
+            if constexpr (CB == 16) {
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(dk + k*WARP_SIZE*CB), "l"(gk));
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(dv + k*WARP_SIZE*CB), "l"(gv));
+            } else {
+                asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(dk + k*WARP_SIZE*CB), "l"(gk), "n"(CB));
+                asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(dv + k*WARP_SIZE*CB), "l"(gv), "n"(CB));
+            }
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < PL::ITER; ++k) {
+            const int i = k*WARP_SIZE + (int) (threadIdx.x % WARP_SIZE);
+            if (N % WARP_SIZE != 0 && i >= N) {
+                break;
+            }
+            const int64_t cell = min(i/PL::PIECES, n_left - 1);
+            const int     off  = (i % PL::PIECES)*CB;
+            const char * gk = kc + cell*k_nb1 + off;
+            const char * gv = vc + cell*v_nb1 + off;
+            if constexpr (CB == 16) {
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(dk + k*WARP_SIZE*CB), "l"(gk));
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(dv + k*WARP_SIZE*CB), "l"(gv));
+            } else {
+                asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(dk + k*WARP_SIZE*CB), "l"(gk), "n"(CB));
+                asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(dv + k*WARP_SIZE*CB), "l"(gv), "n"(CB));
+            }
         }
     }
     asm volatile("cp.async.commit_group;");
+}
+
+// Whether the chunk of CH cells from c0 takes the staging plan's offsets: whole, and K
+// and V rows with one stride (always, in llama.cpp's cache).
+template <int CH>
+static __device__ __forceinline__ bool lq_stage_whole(const lq_attn_params & P, const int c0, const int w1) {
+    return c0 + CH <= w1 && P.k_nb1 == P.v_nb1 && P.k_nb1 <= INT32_MAX/CH;
+}
+
+// The rows of KV head ikv of stream z in the store's K (v = false) or V.
+template <int D>
+static __device__ __forceinline__ const char * lq_store_rows(const lq_attn_params & P, const bool v, const int ikv,
+        const int z) {
+    return v ? P.v + (int64_t) ikv*P.v_nb2 + (int64_t) z*P.v_nb3 : P.k + (int64_t) ikv*P.k_nb2 + (int64_t) z*P.k_nb3;
+}
+
+// Stage a warp's first chunk of store cells [w0, w1) into buffer 0 (lq_store_tier
+// stages the rest).
+template <int D>
+static __device__ __forceinline__ void lq_store_stage_first(const lq_attn_params & P, const int w0, const int w1,
+        const int z, const int ikv, uint32_t (*s_kv)[2][lq_chunk<D>()*D/QK_LQ2*5]) {
+    constexpr int NB = D/QK_LQ2;
+    constexpr int CH = lq_chunk<D>();
+    if (w0 < w1) {
+        const lq_stage_plan<NB, CH> plan(P.k_nb1, &s_kv[0][0][0]);
+        lq_stage_chunk<NB, CH>(plan, 0, lq_store_rows<D>(P, false, ikv, z) + (int64_t) w0*P.k_nb1,
+            lq_store_rows<D>(P, true, ikv, z) + (int64_t) w0*P.v_nb1, P.k_nb1, P.v_nb1,
+            lq_stage_whole<CH>(P, w0, w1), w1 - w0);
+    }
 }
 
 // The store tier of one warp on tensor cores: cells [w0, w1) of this block (which
@@ -350,18 +426,32 @@ static __device__ __forceinline__ void lq_stage_chunk(uint32_t * __restrict__ ds
 // is number p. The lane (g, t) = (lane/4, lane%4) holds the queries 2t and
 // 2t+1 of the tile: their running max M and sum S, O = the output elements 64b + 8g + j
 // of block b (in the mma layout: tile 4b + j/2, register 2*(j%2) + query), and Om =
-// sum(p*minimum) per block over its own cells.
-template <int D, int QT>
+// sum(p*minimum) per block over its own cells. PLAIN: the mask is the bitmap alone and
+// there is no softcap (lq_attn_partial's plain case).
+template <int D, int QT, bool PLAIN>
 static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, const int w0, const int w1, const int b0,
         const int z, const int ikv, const int qt, const int8_t (*s_qi8)[D], const float (*s_qd)[D/QK_LQ2],
         const float (*s_qs)[D/QK_LQ2], const uint32_t * s_skip, uint32_t (*s_kv)[2][lq_chunk<D>()*D/QK_LQ2*5],
         const int p) {
     constexpr int NB = D/QK_LQ2;
     constexpr int RW = NB*5; // 32-bit words of a cell's slice
+    constexpr int CH = lq_chunk<D>();
+    constexpr int NT = CH/16;
+    // Half columns: a tile of at most 4 queries (a decode step of GQA up to 4) fills
+    // half the 8 columns of the products, and lanes t = 2, 3 would spend the softmax on
+    // empty ones. Instead tile 1's products use columns 4..7 (the query's B operand
+    // moved there, tile 0's kept in 0..3), so its scores land in lanes t = 2, 3: every
+    // lane does the softmax of one tile's cells; the value products of the two tiles
+    // sum into columns 0..3 and 4..7 of O, added up at the end.
+    constexpr bool HALF = QT <= 4 && NT == 2;
+    constexpr int  NE   = HALF ? 1 : NT; // tiles whose scores a lane holds
+    constexpr int  NQB  = HALF ? 2 : 1;  // B operand variants of the query
     const int lane = threadIdx.x % WARP_SIZE;
     const int g = lane / 4;
     const int t = lane % 4;
     const int GN = P.G*P.N;
+    const int uo = HALF ? t / 2 : 0;        // HALF: the tile whose scores this lane holds
+    const int cq = HALF ? 2*(t % 2) : 2*t;  // the lane's first query column
 
     float M[2] = {-INFINITY, -INFINITY};
     float S[2] = {0.0f, 0.0f};
@@ -376,22 +466,28 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
         Om[b][0] = Om[b][1] = 0.0f;
     }
 
-    // B operands of the score products (query column g): in k-step ks of block b,
-    // rows 4t..4t+3 are values 16t + 4i + 2ks, rows 16 + 4t.. the values after them:
-    // the order in which the AND-and-shift of a code word yields them (below).
-    int qb[NB][2][2];
+    // B operands of the score products (column g; HALF: query g % 4 in variant g / 4,
+    // zero in the other): in k-step ks of block b, rows 4t..4t+3 are values
+    // 16t + 4i + 2ks, rows 16 + 4t.. the values after them: the order in which the
+    // AND-and-shift of a code word yields them (below).
+    int qb[NQB][NB][2][2];
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
+    for (int v = 0; v < NQB; ++v) {
+        const int  col = HALF ? g % 4 : g;
+        const bool on  = !HALF || g / 4 == v;
 #pragma unroll
-        for (int ks = 0; ks < 2; ++ks) {
+        for (int b = 0; b < NB; ++b) {
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                uint32_t w = 0;
+            for (int ks = 0; ks < 2; ++ks) {
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    w |= (uint32_t) (uint8_t) s_qi8[g][b*QK_LQ2 + 16*t + 4*i + 2*ks + h] << 8*i;
+                for (int h = 0; h < 2; ++h) {
+                    uint32_t w = 0;
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        w |= (uint32_t) (uint8_t) s_qi8[col][b*QK_LQ2 + 16*t + 4*i + 2*ks + h] << 8*i;
+                    }
+                    qb[v][b][ks][h] = on ? (int) w : 0;
                 }
-                qb[b][ks][h] = (int) w;
             }
         }
     }
@@ -402,7 +498,7 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
     bool qok[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-        const int col = 2*t + e;
+        const int col = cq + e;
         const int qi  = qt*QT + col;
         qok[e] = col < QT && qi < GN;
         const lq_query q = lq_query_of(P, ikv, z, qok[e] ? qi : 0);
@@ -415,47 +511,70 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
         }
     }
 
-    const char * kbase = P.k + (int64_t) ikv*P.k_nb2 + (int64_t) z*P.k_nb3;
-    const char * vbase = P.v + (int64_t) ikv*P.v_nb2 + (int64_t) z*P.v_nb3;
-    constexpr int CH = lq_chunk<D>();
-    constexpr int NT = CH/16;
+    const char * kbase = lq_store_rows<D>(P, false, ikv, z);
+    const char * vbase = lq_store_rows<D>(P, true, ikv, z);
+    const lq_stage_plan<NB, CH> plan(P.k_nb1, &s_kv[0][0][0]);
+    // the chunk row of the lane's score cells: element tile ue, row s
+    auto row_of = [&](const int ue, const int s) {
+        return 16*(HALF ? uo : ue) + g + 8*s;
+    };
 
-    // the mask of rows g + 8s of a chunk's tiles, loaded one chunk ahead (it is not staged)
-    auto load_mask = [&](const int c0, float (&mv)[NT][2][2]) {
+    // the mask of the lane's score cells, loaded one chunk ahead (it is not staged)
+    auto load_mask = [&](const int c0, float (&mv)[NE][2][2]) {
 #pragma unroll
-        for (int u = 0; u < NT; ++u) {
+        for (int ue = 0; ue < NE; ++ue) {
 #pragma unroll
             for (int s = 0; s < 2; ++s) {
-                const int cell = c0 + 16*u + g + 8*s;
+                const int cell = c0 + row_of(ue, s);
                 const int r = cell - b0;
                 const bool ok = cell < w1 && !((s_skip[r/32] >> (r%32)) & 1);
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    mv[u][s][e] = ok && qok[e] ? slope[e]*__half2float(mrow[e][cell]) : -INFINITY;
+                    mv[ue][s][e] = ok && qok[e] ? slope[e]*__half2float(mrow[e][cell]) : -INFINITY;
                 }
             }
         }
     };
 
-    float mv_next[NT][2][2];
-    if (w0 < w1) {
-        lq_stage_chunk<NB, CH>(s_kv[0][0], s_kv[1][0], kbase, vbase, P.k_nb1, P.v_nb1, w0, w1);
-        load_mask(w0, mv_next);
+    float mv_next[NE][2][2];
+    if (w0 < w1) { // (chunk 0 was staged by lq_store_stage_first)
+        if constexpr (!PLAIN) {
+            load_mask(w0, mv_next);
+        }
     }
     for (int c0 = w0, it = 0; c0 < w1; c0 += CH, ++it) {
         const int buf = it % 2;
-        float mv[NT][2][2];
+        float mv[NE][2][2];
+        if constexpr (PLAIN) {
+            // the chunk's cells are one aligned half or whole word of the bitmap, which
+            // also holds the masked cells and those past w1
+            const uint32_t r    = c0 - b0;
+            const uint32_t dead = s_skip[r/32] >> (r % 32 + 16*uo + g);
 #pragma unroll
-        for (int u = 0; u < NT; ++u) {
+            for (int ue = 0; ue < NE; ++ue) {
 #pragma unroll
-            for (int s = 0; s < 2; ++s) {
-                mv[u][s][0] = mv_next[u][s][0];
-                mv[u][s][1] = mv_next[u][s][1];
+                for (int s = 0; s < 2; ++s) {
+                    const float m = dead & (1u << (16*(HALF ? 0 : ue) + 8*s)) ? -INFINITY : 0.0f;
+                    mv[ue][s][0] = m;
+                    mv[ue][s][1] = m;
+                }
+            }
+        } else {
+#pragma unroll
+            for (int ue = 0; ue < NE; ++ue) {
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    mv[ue][s][0] = mv_next[ue][s][0];
+                    mv[ue][s][1] = mv_next[ue][s][1];
+                }
             }
         }
         if (c0 + CH < w1) {
-            lq_stage_chunk<NB, CH>(s_kv[0][1 - buf], s_kv[1][1 - buf], kbase, vbase, P.k_nb1, P.v_nb1, c0 + CH, w1);
-            load_mask(c0 + CH, mv_next);
+            lq_stage_chunk<NB, CH>(plan, 1 - buf, kbase + (int64_t) (c0 + CH)*P.k_nb1, vbase + (int64_t) (c0 + CH)*P.v_nb1,
+                P.k_nb1, P.v_nb1, lq_stage_whole<CH>(P, c0 + CH, w1), w1 - (c0 + CH));
+            if constexpr (!PLAIN) {
+                load_mask(c0 + CH, mv_next);
+            }
             asm volatile("cp.async.wait_group 1;" ::: "memory");
         } else {
             asm volatile("cp.async.wait_group 0;" ::: "memory");
@@ -465,29 +584,32 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
         const uint32_t * sv = s_kv[1][buf];
         const uint16_t * sv16 = (const uint16_t *) sv;
 
-        // scores: rows g + 8s, queries 2t + e
-        float sc[NT][2][2];
+        // scores: cells row_of(ue, s), queries cq + e
+        float sc[NE][2][2];
 #pragma unroll
-        for (int u = 0; u < NT; ++u) {
-            float x[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+        for (int ue = 0; ue < NE; ++ue) {
+            float x[2][2];
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
-                const uint32_t * r0 = sk + (16*u + g)*RW + 5*b;
-                const uint32_t * r1 = r0 + 8*RW;
                 int si[4] = {0, 0, 0, 0};
-                const uint32_t w0r = r0[1 + t];
-                const uint32_t w1r = r1[1 + t];
-                lq_mma_u8s8(si, w0r & 0x03030303u, w1r & 0x03030303u, (w0r >> 2) & 0x03030303u, (w1r >> 2) & 0x03030303u,
-                    qb[b][0][0], qb[b][0][1]);
-                lq_mma_u8s8(si, (w0r >> 4) & 0x03030303u, (w1r >> 4) & 0x03030303u, (w0r >> 6) & 0x03030303u,
-                    (w1r >> 6) & 0x03030303u, qb[b][1][0], qb[b][1][1]);
+#pragma unroll
+                for (int u = HALF ? 0 : ue; u < (HALF ? NT : ue + 1); ++u) {
+                    const uint32_t w0r = sk[(16*u + g)*RW + 5*b + 1 + t];
+                    const uint32_t w1r = sk[(16*u + g + 8)*RW + 5*b + 1 + t];
+                    const int v = HALF ? u : 0;
+                    lq_mma_u8s8(si, w0r & 0x03030303u, w1r & 0x03030303u, (w0r >> 2) & 0x03030303u,
+                        (w1r >> 2) & 0x03030303u, qb[v][b][0][0], qb[v][b][0][1]);
+                    lq_mma_u8s8(si, (w0r >> 4) & 0x03030303u, (w1r >> 4) & 0x03030303u, (w0r >> 6) & 0x03030303u,
+                        (w1r >> 6) & 0x03030303u, qb[v][b][1][0], qb[v][b][1][1]);
+                }
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
-                    const uint32_t dmw = (s == 0 ? r0 : r1)[0];
+                    const uint32_t dmw = sk[row_of(ue, s)*RW + 5*b];
                     const float2 dm = __half22float2(*(const half2 *) &dmw);
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        x[s][e] += dm.x*qd[b][e]*(float) si[2*s + e] + dm.y*qs[b][e];
+                        const float y = dm.x*qd[b][e]*(float) si[2*s + e] + dm.y*qs[b][e];
+                        x[s][e] = b == 0 ? y : x[s][e] + y;
                     }
                 }
             }
@@ -496,26 +618,28 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float y = x[s][e]*P.scale;
-                    if (P.softcap != 0.0f) {
+                    if (!PLAIN && P.softcap != 0.0f) {
                         y = P.softcap*tanhf(y);
                     }
-                    sc[u][s][e] = mv[u][s][e] == -INFINITY ? -INFINITY : mv[u][s][e] + y;
+                    sc[ue][s][e] = mv[ue][s][e] == -INFINITY ? -INFINITY : mv[ue][s][e] + y;
                 }
             }
         }
 
-        // online softmax, per query over the chunk's cells (rows: lanes g)
+        // online softmax, per query over the chunk's cells (lanes g; HALF: and t, t ^ 2)
         float Mn[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
             float mx = -INFINITY;
 #pragma unroll
-            for (int u = 0; u < NT; ++u) {
-                mx = fmaxf(mx, fmaxf(sc[u][0][e], sc[u][1][e]));
+            for (int ue = 0; ue < NE; ++ue) {
+                mx = fmaxf(mx, fmaxf(sc[ue][0][e], sc[ue][1][e]));
             }
 #pragma unroll
-            for (int off = 4; off < WARP_SIZE; off *= 2) {
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off, WARP_SIZE));
+            for (int off = HALF ? 2 : 4; off < WARP_SIZE; off *= 2) {
+                if (off != 2 || HALF) {
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off, WARP_SIZE));
+                }
             }
             Mn[e] = fmaxf(M[e], mx);
         }
@@ -541,21 +665,46 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 O[mt][3] *= alpha[1];
             }
         }
-        float p[NT][2][2];
+        float p[NE][2][2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
 #pragma unroll
-            for (int u = 0; u < NT; ++u) {
+            for (int ue = 0; ue < NE; ++ue) {
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
-                    p[u][s][e] = M[e] == -INFINITY ? 0.0f : expf(sc[u][s][e] - M[e]);
-                    S[e] += p[u][s][e];
+                    p[ue][s][e] = M[e] == -INFINITY ? 0.0f : expf(sc[ue][s][e] - M[e]);
+                    S[e] += p[ue][s][e];
+                }
+            }
+        }
+        // p*step of the lane's cells (rows g, g + 8 of its tile, columns cq, cq + 1) as
+        // f16 pairs, and sum(p*minimum) per block
+        uint32_t pk[NE][2][NB];
+#pragma unroll
+        for (int ue = 0; ue < NE; ++ue) {
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                // a cell masked for both queries never meets its step or minimum (one
+                // never written may hold anything; 0*NaN is NaN); a cell some query
+                // sees was written
+                const bool dead = mv[ue][s][0] == -INFINITY && mv[ue][s][1] == -INFINITY;
+#pragma unroll
+                for (int b = 0; b < NB; ++b) {
+                    const uint32_t dmw = sv[row_of(ue, s)*RW + 5*b];
+                    float2 dm = __half22float2(*(const half2 *) &dmw);
+                    if (dead) {
+                        dm = make_float2(0.0f, 0.0f);
+                    }
+                    Om[b][0] += p[ue][s][0]*dm.y;
+                    Om[b][1] += p[ue][s][1]*dm.y;
+                    pk[ue][s][b] = lq_pack_half2(p[ue][s][0]*dm.x, p[ue][s][1]*dm.x);
                 }
             }
         }
 
         // values: the V codes of cells 2t, 2t+1, 2t+8, 2t+9 of a tile (the k of the
-        // product), 8 of each: bytes 2g, 2g+1 of a block's codes
+        // product), 8 of each: bytes 2g, 2g+1 of a block's codes; B = p*step of the
+        // tile's cells (HALF: of the lanes holding that tile, zero elsewhere)
 #pragma unroll
         for (int u = 0; u < NT; ++u) {
 #pragma unroll
@@ -563,18 +712,7 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 uint32_t pb[2];
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
-                    const uint32_t dmw = sv[(16*u + g + 8*s)*RW + 5*b];
-                    const float2 dm = __half22float2(*(const half2 *) &dmw);
-                    float pd[2];
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        // a weight of 0 never meets the step or minimum: a cell never
-                        // written may hold anything
-                        const bool w = p[u][s][e] > 0.0f;
-                        pd[e] = w ? p[u][s][e]*dm.x : 0.0f;
-                        Om[b][e] += w ? p[u][s][e]*dm.y : 0.0f;
-                    }
-                    pb[s] = lq_transpose8x8(lq_pack_half2(pd[0], pd[1]));
+                    pb[s] = lq_transpose8x8(HALF ? (uo == u ? pk[0][s][b] : 0u) : pk[HALF ? 0 : u][s][b]);
                 }
                 const uint16_t * cv = sv16 + (16*u + 2*t)*2*RW + 10*b + 2 + g;
                 const uint32_t x0 = __byte_perm(cv[0], cv[2*RW], 0x5410);               // cells 2t, 2t+1
@@ -590,9 +728,19 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
         __syncwarp(); // the next iteration stages into this buffer
     }
 
+    if constexpr (HALF) {
+        // tile 1's share of each query sits in columns 4..7 (lanes t = 2, 3)
+#pragma unroll
+        for (int mt = 0; mt < D/16; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                O[mt][r] += __shfl_xor_sync(0xffffffff, O[mt][r], 2, WARP_SIZE);
+            }
+        }
+    }
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-        // the sums over the lanes g that share a query
+        // the sums over the lanes that share a query (g; HALF: and t, t ^ 2)
         float Se = S[e];
         float Ome[NB];
 #pragma unroll
@@ -600,15 +748,15 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
             Ome[b] = Om[b][e];
         }
 #pragma unroll
-        for (int off = 4; off < WARP_SIZE; off *= 2) {
+        for (int off = HALF ? 2 : 4; off < WARP_SIZE; off *= 2) {
             Se += __shfl_xor_sync(0xffffffff, Se, off, WARP_SIZE);
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
                 Ome[b] += __shfl_xor_sync(0xffffffff, Ome[b], off, WARP_SIZE);
             }
         }
-        const int col = 2*t + e;
-        if (col >= QT || qt*QT + col >= GN) {
+        const int col = cq + e;
+        if ((HALF && t >= 2) || col >= QT || qt*QT + col >= GN) {
             continue;
         }
         float * dstp = lq_part<D, QT>(P, z, ikv, qt, col, p);
@@ -659,6 +807,21 @@ static __global__ void __launch_bounds__(LQ_THREADS, D == 256 ? 2 : 4) lq_attn_p
     __shared__ uint32_t s_skip[LQ_BLOCK_CELLS_MAX/32];
     __shared__ __align__(16) uint32_t s_kv[LQ_WARPS][2][2][lq_chunk<D>()*NB*5]; // per warp: K|V, two buffers
 
+    const bool overlay_only = (int) blockIdx.x >= P.n_split;
+    const int b0 = blockIdx.x*P.block_cells;
+    const int b1 = min(P.n_kv, b0 + P.block_cells);
+    const int per_warp = P.block_cells / LQ_WARPS;
+    const int w0 = b0 + warp*per_warp;
+    const int w1 = min(b1, w0 + per_warp);
+    if (!overlay_only) {
+        // the first chunk's rows travel while the block gets ready
+        lq_store_stage_first<D>(P, w0, w1, z, ikv, s_kv[warp]);
+        for (int w = threadIdx.x; w < LQ_BLOCK_CELLS_MAX/32; w += LQ_THREADS) {
+            s_skip[w] = 0;
+        }
+        __syncthreads();
+    }
+
     for (int idx = threadIdx.x; idx < QT*D; idx += LQ_THREADS) {
         const int j  = idx / D;
         const int d  = idx % D;
@@ -670,15 +833,56 @@ static __global__ void __launch_bounds__(LQ_THREADS, D == 256 ? 2 : 4) lq_attn_p
         }
         s_qf[j][d] = x;
     }
-    __syncthreads();
 
-    const bool overlay_only = (int) blockIdx.x >= P.n_split;
+    // The store tier's plain case: every query of the tile has one mask row (one token:
+    // a decode step) with only 0 and -inf in the block's cells, no ALiBi, no softcap.
+    // The -inf cells and those past the block's end join the bitmap of the cells the
+    // overlay holds, and the store tier reads no mask.
+    bool plain = P.N == 1 && P.m_ne2 == 1 && P.max_bias == 0.0f && P.softcap == 0.0f;
+    bool other = false;
+    if (!overlay_only) {
+        for (int sl0 = 0; sl0 < P.n_slots; sl0 += 4*LQ_THREADS) {
+            int cs[4]; // four loads in flight, then the bits
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int sl = sl0 + u*LQ_THREADS + threadIdx.x;
+                cs[u] = sl < P.n_slots ? P.s2c[z*P.n_slots + sl] : -1;
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                if (cs[u] >= b0 && cs[u] < b1) {
+                    atomicOr(&s_skip[(cs[u] - b0)/32], 1u << ((cs[u] - b0) % 32));
+                }
+            }
+        }
+        if (plain) {
+            const half * mrow = lq_query_of(P, ikv, z, 0).mrow;
+            for (int r0 = 0; r0 < P.block_cells; r0 += 8*LQ_THREADS) {
+                float m[8]; // eight loads in flight, then the bits
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {
+                    const int cell = b0 + r0 + u*LQ_THREADS + threadIdx.x;
+                    m[u] = cell < b1 ? __half2float(mrow[cell]) : -INFINITY;
+                }
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {
+                    const int r = r0 + u*LQ_THREADS + threadIdx.x;
+                    if (m[u] == -INFINITY && r < P.block_cells) {
+                        atomicOr(&s_skip[r/32], 1u << (r % 32));
+                    }
+                    other |= m[u] != -INFINITY && m[u] != 0.0f;
+                }
+            }
+        }
+    }
+    plain = plain && !__syncthreads_or(other); // also the barrier for s_qf and s_skip
+
     if (P.n_split_ov == 0 || overlay_only) {
-        const int n_warps  = P.n_split*LQ_WARPS;
-        const int per_warp = overlay_only ? LQ_WARP_SLOTS : (P.n_slots + n_warps - 1) / n_warps;
-        const int w0 = min(P.n_slots, (overlay_only ? part - n_warps : part)*per_warp);
-        const int w1 = min(P.n_slots, w0 + per_warp);
-        lq_overlay_tier<D, QT>(P, w0, w1, z, ikv, qt, s_qf, s_p[warp], overlay_only ? part : n_warps + part);
+        const int n_warps   = P.n_split*LQ_WARPS;
+        const int per_warp_ov = overlay_only ? LQ_WARP_SLOTS : (P.n_slots + n_warps - 1) / n_warps;
+        const int s0 = min(P.n_slots, (overlay_only ? part - n_warps : part)*per_warp_ov);
+        const int s1 = min(P.n_slots, s0 + per_warp_ov);
+        lq_overlay_tier<D, QT>(P, s0, s1, z, ikv, qt, s_qf, s_p[warp], overlay_only ? part : n_warps + part);
         if (overlay_only) {
             return;
         }
@@ -703,33 +907,14 @@ static __global__ void __launch_bounds__(LQ_THREADS, D == 256 ? 2 : 4) lq_attn_p
             s_qs[j][b] = dq*(float) sum;
         }
     }
-
-    const int b0 = blockIdx.x*P.block_cells;
-    const int b1 = min(P.n_kv, b0 + P.block_cells);
-    for (int w = threadIdx.x; w < LQ_BLOCK_CELLS_MAX/32; w += LQ_THREADS) {
-        s_skip[w] = 0;
-    }
-    __syncthreads();
-    for (int sl0 = 0; sl0 < P.n_slots; sl0 += 4*LQ_THREADS) {
-        int cs[4]; // four loads in flight, then the bits
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int sl = sl0 + u*LQ_THREADS + threadIdx.x;
-            cs[u] = sl < P.n_slots ? P.s2c[z*P.n_slots + sl] : -1;
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            if (cs[u] >= b0 && cs[u] < b1) {
-                atomicOr(&s_skip[(cs[u] - b0)/32], 1u << ((cs[u] - b0) % 32));
-            }
-        }
-    }
     __syncthreads();
 
-    const int per_warp = P.block_cells / LQ_WARPS;
-    const int w0 = b0 + warp*per_warp;
-    const int w1 = min(b1, w0 + per_warp);
-    lq_store_tier<D, QT>(P, w0, w1, b0, z, ikv, qt, s_qi8, s_qd, s_qs, s_skip, s_kv[warp], part);
+    // (two loops: one with both kinds of mask spent registers and instructions on both)
+    if (plain) {
+        lq_store_tier<D, QT, true>(P, w0, w1, b0, z, ikv, qt, s_qi8, s_qd, s_qs, s_skip, s_kv[warp], part);
+    } else {
+        lq_store_tier<D, QT, false>(P, w0, w1, b0, z, ikv, qt, s_qi8, s_qd, s_qs, s_skip, s_kv[warp], part);
+    }
 #else
     GGML_UNUSED(P);
     NO_DEVICE_CODE;
