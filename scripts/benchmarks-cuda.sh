@@ -56,7 +56,7 @@ PY
   ;;
 eval)
   : "${EVAL_MODEL:?give EVAL_MODEL (the real model)}" "${TEXT:?give TEXT (an eval text)}"
-  KV=${KV:-f16,q8_0,q4_0,logquant:D=128,logquant,q2}
+  KV=${KV:-f16,q8_0,q4_0,logquant:D=128,logquant,logquant:D=0}
   for where in gpu cpu; do
     ngl=$([ $where = gpu ] && echo 99 || echo 0)
     # (a CUDA build also runs the CPU side: --ngl 0 keeps every layer and cache there)

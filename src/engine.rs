@@ -203,6 +203,10 @@ impl LoadedModel {
             return Err(EngineError::Input(format!("--threads must be within 1..={MAX_THREADS}, not {}", cfg.threads)));
         }
         self.check_block_sizes(cfg.kv)?;
+        let on_gpu = self.params.gpu_layers != 0 && llama::gpu_free_memory().is_some();
+        if !self.params.no_alloc {
+            check_lq2_placement(cfg.kv, on_gpu)?;
+        }
         if cfg.n_batch == 0 || cfg.n_ubatch == 0 || cfg.n_seq == 0 {
             return Err(EngineError::Input(
                 "--batch-size, --ubatch-size and the sequence count must be positive".into(),
@@ -244,6 +248,21 @@ impl LoadedModel {
         }
         Ok(Session::two_tier(ctx, cfg.kv.policy.expect("two-tier sizes imply a policy"), sizes.per_seq))
     }
+}
+
+/// lq2 as a single-tier cache (`q2`, or lq2 for K or V) goes through llama.cpp's own
+/// flash attention, which has an lq2 kernel on the CPU only: with the cache on a GPU
+/// the scheduler would run every layer's attention on the CPU, copying the cache there
+/// each step (13 tokens/s for q2 on an H200 where logquant runs 225). The same 2-bit
+/// cache through logquant's GPU kernels is `logquant:D=0`.
+pub fn check_lq2_placement(kv: KvConfig, on_gpu: bool) -> Result<(), EngineError> {
+    let lq2 = kv.k == KvCacheType::Lq2 || kv.v == KvCacheType::Lq2;
+    if on_gpu && lq2 && kv.policy.is_none() {
+        return Err(EngineError::Input(format!(
+            "the single-tier {kv} cache has no GPU attention kernel (llama.cpp's flash attention would run on the CPU, copying the cache every step); use logquant:D=0 (every token 2-bit, through logquant's GPU kernels), or keep the cache on the CPU with --ngl 0"
+        )));
+    }
+    Ok(())
 }
 
 pub const MIB: f64 = 1024.0 * 1024.0;

@@ -55,9 +55,15 @@ fn greedy_generation_is_deterministic() {
 fn every_stock_cache_type_runs_and_allocates_what_the_reader_predicts() {
     let loaded = engine::load_model(&common::tiny_model(), &ModelParams::default()).unwrap();
     let prompt = loaded.model.tokenize("the cache type test", true).unwrap();
+    let gpu = !logquant::llama::gpu_devices().is_empty();
     for t in KvCacheType::ALL {
         let mut cfg = ContextConfig::new(512);
         cfg.kv = KvConfig::new(t, t);
+        if gpu && t == KvCacheType::Lq2 {
+            // refused on a GPU (check_lq2_placement); logquant:D=0 is its GPU form
+            assert!(loaded.new_context(&cfg).is_err());
+            continue;
+        }
         let mut ctx = loaded.new_context(&cfg).unwrap_or_else(|e| panic!("{t}: {e}"));
         let (out, _) = generate(&mut ctx, &prompt, &greedy(8), |_| {}).unwrap_or_else(|e| panic!("{t}: {e}"));
         assert_eq!(out.len(), 8, "{t}");
@@ -79,4 +85,18 @@ fn inspect_reads_the_file_without_llama_cpp() {
     // f16 K and V: 2 bytes x (K + V) x kv heads x head size x layers.
     let per_token = 2 * 2 * spec.n_head_kv as u64 * (spec.n_embd / spec.n_head) as u64 * spec.n_layer as u64;
     assert_eq!(info.kv_bytes_per_token(KvCacheType::F16, KvCacheType::F16).unwrap(), per_token);
+}
+
+#[test]
+fn a_single_tier_lq2_cache_on_a_gpu_is_refused_with_the_two_tier_alternative() {
+    // (a decision on the configuration alone: CI has no GPU to place a cache on)
+    for kv in ["q2", "lq2/f16", "q8_0/lq2"] {
+        let kv = KvConfig::parse(kv).unwrap();
+        let err = engine::check_lq2_placement(kv, true).unwrap_err().to_string();
+        assert!(err.contains("logquant:D=0") && err.contains("--ngl 0"), "{err}");
+        assert!(engine::check_lq2_placement(kv, false).is_ok());
+    }
+    for kv in ["logquant:D=0", "logquant", "f16", "q4_0"] {
+        assert!(engine::check_lq2_placement(KvConfig::parse(kv).unwrap(), true).is_ok(), "{kv}");
+    }
 }
