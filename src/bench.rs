@@ -126,6 +126,10 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
     if opts.gen == 0 || opts.reps == 0 || opts.batches.contains(&0) {
         return Err(EngineError::Input("--gen, --reps and every --batch must be at least 1".into()));
     }
+    // refused configurations fail before any is measured
+    for &kv in &opts.configs {
+        crate::engine::check_lq2_placement(kv, model.cache_on_gpu())?;
+    }
     let n_vocab = model.model.n_vocab();
     let max_batch = *opts.batches.iter().max().unwrap();
     let mut rows = Vec::new();

@@ -183,6 +183,11 @@ impl LoadedModel {
         self.info.overlay_bytes(&params, slots)
     }
 
+    /// Whether offloaded layers put their KV cache on a GPU (this build sees one).
+    pub fn cache_on_gpu(&self) -> bool {
+        self.params.gpu_layers != 0 && llama::gpu_free_memory().is_some()
+    }
+
     /// Checks the configuration against the model and the machine, then creates the
     /// context (with its overlay and policies for a two-tier configuration).
     pub fn new_context(&self, cfg: &ContextConfig) -> Result<Session<'_>, EngineError> {
@@ -203,9 +208,8 @@ impl LoadedModel {
             return Err(EngineError::Input(format!("--threads must be within 1..={MAX_THREADS}, not {}", cfg.threads)));
         }
         self.check_block_sizes(cfg.kv)?;
-        let on_gpu = self.params.gpu_layers != 0 && llama::gpu_free_memory().is_some();
         if !self.params.no_alloc {
-            check_lq2_placement(cfg.kv, on_gpu)?;
+            check_lq2_placement(cfg.kv, self.cache_on_gpu())?;
         }
         if cfg.n_batch == 0 || cfg.n_ubatch == 0 || cfg.n_seq == 0 {
             return Err(EngineError::Input(
