@@ -333,7 +333,8 @@ struct lq_stage_plan {
 #pragma unroll
         for (int k = 0; k < ITER; ++k) {
             const int i = k*WARP_SIZE + lane;
-            off[k] = (uint32_t) ((i/PIECES)*(int) nb1 + (i % PIECES)*CB);
+            // (used only for whole chunks, where nb1*CH fits in an int; 0 past the copies)
+            off[k] = i < CH*PIECES ? (uint32_t) ((i/PIECES)*(int) nb1 + (i % PIECES)*CB) : 0u;
         }
         dst = (uint32_t) __cvta_generic_to_shared(s_kv) + lane*CB;
     }
@@ -875,7 +876,10 @@ static __global__ void __launch_bounds__(LQ_THREADS, D == 256 ? 2 : 4) lq_attn_p
             }
         }
     }
-    plain = plain && !__syncthreads_or(other); // also the barrier for s_qf and s_skip
+    // also the barrier for s_qf and s_skip: called by every thread whatever plain is
+    // (inside `plain && ...` it would be skipped where plain starts false)
+    const bool any_other = __syncthreads_or(other);
+    plain = plain && !any_other;
 
     if (P.n_split_ov == 0 || overlay_only) {
         const int n_warps   = P.n_split*LQ_WARPS;
