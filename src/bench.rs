@@ -127,8 +127,9 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
         return Err(EngineError::Input("--gen, --reps and every --batch must be at least 1".into()));
     }
     // refused configurations fail before any is measured
+    let on_gpu = model.cache_gpu_free().is_some();
     for &kv in &opts.configs {
-        crate::engine::check_lq2_placement(kv, model.cache_on_gpu())?;
+        crate::engine::check_lq2_placement(kv, on_gpu)?;
     }
     let n_vocab = model.model.n_vocab();
     let max_batch = *opts.batches.iter().max().unwrap();

@@ -183,9 +183,14 @@ impl LoadedModel {
         self.info.overlay_bytes(&params, slots)
     }
 
-    /// Whether offloaded layers put their KV cache on a GPU (this build sees one).
-    pub fn cache_on_gpu(&self) -> bool {
-        self.params.gpu_layers != 0 && llama::gpu_free_memory().is_some()
+    /// Free memory of the GPU where offloaded layers keep their KV cache; None when
+    /// the cache stays on the CPU (no layer offloaded, or no GPU this build sees).
+    pub fn cache_gpu_free(&self) -> Option<u64> {
+        if self.params.gpu_layers != 0 {
+            llama::gpu_free_memory()
+        } else {
+            None
+        }
     }
 
     /// Checks the configuration against the model and the machine, then creates the
@@ -208,8 +213,9 @@ impl LoadedModel {
             return Err(EngineError::Input(format!("--threads must be within 1..={MAX_THREADS}, not {}", cfg.threads)));
         }
         self.check_block_sizes(cfg.kv)?;
+        let gpu = self.cache_gpu_free();
         if !self.params.no_alloc {
-            check_lq2_placement(cfg.kv, self.cache_on_gpu())?;
+            check_lq2_placement(cfg.kv, gpu.is_some())?;
         }
         if cfg.n_batch == 0 || cfg.n_ubatch == 0 || cfg.n_seq == 0 {
             return Err(EngineError::Input(
@@ -219,7 +225,6 @@ impl LoadedModel {
         let need = self.kv_bytes(cfg, n_ctx).map_err(EngineError::Gguf)?;
         // A no_alloc model only sizes buffers (see `crate::plan`): nothing to fit in memory.
         // Offloaded layers keep their cache on the GPU: that is the memory to fit.
-        let gpu = if self.params.gpu_layers != 0 { llama::gpu_free_memory() } else { None };
         let (avail, place) = match gpu {
             Some(free) => (Some(free), "free GPU memory"),
             None => (available_memory(), "memory"),

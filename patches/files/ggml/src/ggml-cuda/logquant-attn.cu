@@ -93,11 +93,18 @@ static __device__ __forceinline__ void lq_load_p(const float * __restrict__ row,
 }
 
 // Partial result p of query j of tile qt of KV head ikv of stream z: M, S, accumulator.
+// Writes M and S (from the leader lane) and returns where they are: the accumulator
+// follows them.
 template <int D, int QT>
-static __device__ __forceinline__ float * lq_part(const lq_attn_params & P, const int z, const int ikv, const int qt,
-        const int j, const int p) {
+static __device__ __forceinline__ float * lq_part_open(const lq_attn_params & P, const int z, const int ikv,
+        const int qt, const int j, const int p, const bool leader, const float M, const float S) {
     const int64_t qg = ((int64_t) (z*P.n_head_kv + ikv)*P.n_qtiles + qt)*QT + j;
-    return P.part + (qg*P.n_parts + p)*(2 + D);
+    float * dstp = P.part + (qg*P.n_parts + p)*(2 + D);
+    if (leader) {
+        dstp[0] = M;
+        dstp[1] = S;
+    }
+    return dstp;
 }
 
 // The overlay tier of one warp: slots [w0, w1), f16 K and V, in f32; its partial
@@ -246,11 +253,7 @@ static __device__ __forceinline__ void lq_overlay_tier(const lq_attn_params & P,
         if (qt*QT + j >= GN) {
             continue;
         }
-        float * dstp = lq_part<D, QT>(P, z, ikv, qt, j, p);
-        if (lane == 0) {
-            dstp[0] = M[j];
-            dstp[1] = Sj;
-        }
+        float * dstp = lq_part_open<D, QT>(P, z, ikv, qt, j, p, lane == 0, M[j], Sj);
 #pragma unroll
         for (int e = 0; e < EPL; ++e) {
             dstp[2 + EPL*lane + e] = acc[j][e];
@@ -340,6 +343,16 @@ struct lq_stage_plan {
     }
 };
 
+// One asynchronous copy of CB bytes from global to shared memory (16: bypassing L1).
+template <int CB>
+static __device__ __forceinline__ void lq_cp_async(const uint32_t dst, const char * src) {
+    if constexpr (CB == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(dst), "l"(src));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(dst), "l"(src), "n"(CB));
+    }
+}
+
 // One warp stages the K and V row slices of CH cells from c0 (cells past w1 repeat
 // the last) into buffer buf of shared memory, without waiting: cp.async. kc and vc
 // point at cell c0's rows. Whole chunks (lq_stage_whole) take the plan's offsets;
@@ -359,15 +372,8 @@ static __device__ __forceinline__ void lq_stage_chunk(const lq_stage_plan<NB, CH
             if (N % WARP_SIZE != 0 && k*WARP_SIZE + (int) (threadIdx.x % WARP_SIZE) >= N) {
                 break;
             }
-            const char * gk = kc + plan.off[k];
-            const char * gv = vc + plan.off[k];
-            if constexpr (CB == 16) {
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(dk + k*WARP_SIZE*CB), "l"(gk));
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(dv + k*WARP_SIZE*CB), "l"(gv));
-            } else {
-                asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(dk + k*WARP_SIZE*CB), "l"(gk), "n"(CB));
-                asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(dv + k*WARP_SIZE*CB), "l"(gv), "n"(CB));
-            }
+            lq_cp_async<CB>(dk + k*WARP_SIZE*CB, kc + plan.off[k]);
+            lq_cp_async<CB>(dv + k*WARP_SIZE*CB, vc + plan.off[k]);
         }
     } else {
 #pragma unroll
@@ -378,15 +384,8 @@ static __device__ __forceinline__ void lq_stage_chunk(const lq_stage_plan<NB, CH
             }
             const int64_t cell = min(i/PL::PIECES, n_left - 1);
             const int     off  = (i % PL::PIECES)*CB;
-            const char * gk = kc + cell*k_nb1 + off;
-            const char * gv = vc + cell*v_nb1 + off;
-            if constexpr (CB == 16) {
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(dk + k*WARP_SIZE*CB), "l"(gk));
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(dv + k*WARP_SIZE*CB), "l"(gv));
-            } else {
-                asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(dk + k*WARP_SIZE*CB), "l"(gk), "n"(CB));
-                asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" : : "r"(dv + k*WARP_SIZE*CB), "l"(gv), "n"(CB));
-            }
+            lq_cp_async<CB>(dk + k*WARP_SIZE*CB, kc + cell*k_nb1 + off);
+            lq_cp_async<CB>(dv + k*WARP_SIZE*CB, vc + cell*v_nb1 + off);
         }
     }
     asm volatile("cp.async.commit_group;");
@@ -400,7 +399,6 @@ static __device__ __forceinline__ bool lq_stage_whole(const lq_attn_params & P, 
 }
 
 // The rows of KV head ikv of stream z in the store's K (v = false) or V.
-template <int D>
 static __device__ __forceinline__ const char * lq_store_rows(const lq_attn_params & P, const bool v, const int ikv,
         const int z) {
     return v ? P.v + (int64_t) ikv*P.v_nb2 + (int64_t) z*P.v_nb3 : P.k + (int64_t) ikv*P.k_nb2 + (int64_t) z*P.k_nb3;
@@ -415,8 +413,8 @@ static __device__ __forceinline__ void lq_store_stage_first(const lq_attn_params
     constexpr int CH = lq_chunk<D>();
     if (w0 < w1) {
         const lq_stage_plan<NB, CH> plan(P.k_nb1, &s_kv[0][0][0]);
-        lq_stage_chunk<NB, CH>(plan, 0, lq_store_rows<D>(P, false, ikv, z) + (int64_t) w0*P.k_nb1,
-            lq_store_rows<D>(P, true, ikv, z) + (int64_t) w0*P.v_nb1, P.k_nb1, P.v_nb1,
+        lq_stage_chunk<NB, CH>(plan, 0, lq_store_rows(P, false, ikv, z) + (int64_t) w0*P.k_nb1,
+            lq_store_rows(P, true, ikv, z) + (int64_t) w0*P.v_nb1, P.k_nb1, P.v_nb1,
             lq_stage_whole<CH>(P, w0, w1), w1 - w0);
     }
 }
@@ -512,8 +510,8 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
         }
     }
 
-    const char * kbase = lq_store_rows<D>(P, false, ikv, z);
-    const char * vbase = lq_store_rows<D>(P, true, ikv, z);
+    const char * kbase = lq_store_rows(P, false, ikv, z);
+    const char * vbase = lq_store_rows(P, true, ikv, z);
     const lq_stage_plan<NB, CH> plan(P.k_nb1, &s_kv[0][0][0]);
     // the chunk row of the lane's score cells: element tile ue, row s
     auto row_of = [&](const int ue, const int s) {
@@ -760,11 +758,7 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
         if ((HALF && t >= 2) || col >= QT || qt*QT + col >= GN) {
             continue;
         }
-        float * dstp = lq_part<D, QT>(P, z, ikv, qt, col, p);
-        if (g == 0) {
-            dstp[0] = M[e];
-            dstp[1] = Se;
-        }
+        float * dstp = lq_part_open<D, QT>(P, z, ikv, qt, col, p, g == 0, M[e], Se);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
             float o[8];
