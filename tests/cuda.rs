@@ -234,10 +234,11 @@ fn a_model_on_cuda_matches_the_cpu_with_several_sequences() {
 #[ignore = "a measurement: run with --ignored on a machine with an NVIDIA GPU"]
 fn time_the_attention_kernel() {
     let d = 128;
-    // (logquant_attn_run_on takes up to 2^26 store values: 2 sequences at 32768)
+    // (logquant_attn_run_on takes up to 2^28 store values: 8 sequences at 32768)
     // TIME_CASE=i runs case i alone (for a profiler)
     let only: Option<usize> = std::env::var("TIME_CASE").ok().and_then(|v| v.parse().ok());
-    let cases = [(8192usize, 1usize, 448i32), (8192, 8, 448), (32768, 1, 448), (32768, 2, 448), (32768, 2, 0)];
+    let cases =
+        [(8192usize, 1usize, 448i32), (8192, 8, 448), (32768, 1, 448), (32768, 2, 448), (32768, 2, 0), (32768, 8, 448)];
     for (i, &(depth, batch, slots)) in cases.iter().enumerate() {
         if only.is_some_and(|o| o != i) {
             continue;

@@ -609,7 +609,7 @@ static bool attn_case(const struct logquant_attn_case * c, const char * backend_
     }
     const int64_t rows = std::max<int64_t>(c->n_slots, 1);
     // keep test cases to a sane size
-    if (int64_t(c->n_kv) * c->n_head_kv * D > (int64_t(1) << 26) || int64_t(c->n_tokens) * c->n_head * D > (int64_t(1) << 26) ||
+    if (int64_t(c->n_kv) * c->n_head_kv * D > (int64_t(1) << 28) || int64_t(c->n_tokens) * c->n_head * D > (int64_t(1) << 26) ||
         int64_t(c->n_kv) * c->n_tokens > (int64_t(1) << 26) || rows * c->n_head_kv * D > (int64_t(1) << 26)) {
         fail(LOGQUANT_ERR_ARGUMENT, "case too large");
         return false;
