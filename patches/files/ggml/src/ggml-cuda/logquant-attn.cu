@@ -597,7 +597,7 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
     const char * vbase = lq_store_rows(P, true,  GR ? ikv/LQ_WARPS*LQ_WARPS : ikv, z);
     const lq_stage_plan<NB, CH> plan(P.k_nb1, kv); // (unused by GR)
     const lq_group_plan<D> gplan(P.k_nb1);         // (GR only)
-    const uint32_t gk = (uint32_t) __cvta_generic_to_shared(kv - (ikv % LQ_WARPS)*RW); // GR: the block's K buffer 0
+    const uint32_t gk = GR ? (uint32_t) __cvta_generic_to_shared(kv - (ikv % LQ_WARPS)*RW) : 0u; // the block's K buffer 0
     // the chunk row of the lane's score cells: element tile ue, row s
     auto row_of = [&](const int ue, const int s) {
         return 16*(HALF ? uo : ue) + g + 8*s;
@@ -621,7 +621,7 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
     };
 
     float mv_next[NE][2][2];
-    if (w0 < w1) { // (chunk 0 was staged by lq_store_stage_first)
+    if (w0 < w1) { // (chunk 0 was staged by lq_store_stage_first or lq_group_stage_first)
         if constexpr (!PLAIN) {
             load_mask(w0, mv_next);
         }
