@@ -152,6 +152,52 @@ fn two_tier_attention_on_cuda_equals_the_cpu() {
     eprintln!("{cases} cases, worst max |cuda - cpu| = {worst:e}");
 }
 
+/// The decode shapes of grouped-query models with 4 or 8 KV heads (Llama 3 8B: 8 of 128),
+/// with one and two queries per head: the shapes where a kernel that gives a block 4 KV
+/// heads and stages their rows together would run (branch `cuda-grouped-heads`).
+#[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
+fn grouped_heads_on_cuda_equal_the_cpu() {
+    let mut cases = 0;
+    for (i, &d) in [64usize, 128].iter().enumerate() {
+        for (j, &n_head_kv) in [4usize, 8].iter().enumerate() {
+            for (l, &(gqa, n_tokens)) in [(4usize, 1usize), (1, 1), (2, 2)].iter().enumerate() {
+                for (m, &frac) in [0.0f32, 0.3, 1.0].iter().enumerate() {
+                    let pick = ((i * 2 + j) * 3 + l) * 3 + m;
+                    let n_kv = [700usize, 4100, 9000][pick % 3];
+                    let n_head = n_head_kv * gqa;
+                    let p = problem(pick as u64 * 104729 + 3, d, n_head, n_head_kv, n_tokens, n_kv, frac);
+                    let case = Case {
+                        head_dim: d,
+                        n_head,
+                        n_head_kv,
+                        n_tokens,
+                        n_kv,
+                        scale: 1.0 / (d as f32).sqrt(),
+                        q: &p.q,
+                        k_store: &p.k_store,
+                        v_store: &p.v_store,
+                        k_overlay: &p.k_overlay,
+                        v_overlay: &p.v_overlay,
+                        slot_to_cell: &p.slot_to_cell,
+                        mask: &p.mask,
+                        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+                    };
+                    let cpu = two_tier_kernel::run(&case).unwrap();
+                    let gpu = two_tier_kernel::run_on(&case, GPU).unwrap();
+                    let err = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                    assert!(
+                        err <= 1e-2 && gpu.iter().all(|x| x.is_finite()),
+                        "d={d} heads={n_head}/{n_head_kv} tokens={n_tokens} cells={n_kv} overlay={frac}: max |cuda - cpu| = {err}"
+                    );
+                    cases += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{cases} grouped cases");
+}
+
 fn tokens(n: usize, n_vocab: usize, salt: usize) -> Vec<i32> {
     (0..n).map(|i| (3 + (i * 7919 + i * i * 31 + salt * 101) % (n_vocab - 3)) as i32).collect()
 }
