@@ -53,6 +53,12 @@ fn lq2_quantization_on_cuda_equals_the_cpu_bit_for_bit() {
 }
 
 struct Problem {
+    d: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    n_tokens: usize,
+    n_kv: usize,
+    frac: f32,
     q: Vec<f32>,
     k_store: Vec<u8>,
     v_store: Vec<u8>,
@@ -96,7 +102,58 @@ fn problem(seed: u64, d: usize, n_head: usize, n_head_kv: usize, n_tokens: usize
             }
         })
         .collect();
-    Problem { q, k_store, v_store, k_overlay, v_overlay, slot_to_cell, mask }
+    Problem {
+        d,
+        n_head,
+        n_head_kv,
+        n_tokens,
+        n_kv,
+        frac,
+        q,
+        k_store,
+        v_store,
+        k_overlay,
+        v_overlay,
+        slot_to_cell,
+        mask,
+    }
+}
+
+impl Problem {
+    /// The op on the CPU and on the GPU: the largest |cuda - cpu|, checked to be at most
+    /// `tol` with every GPU output finite (the message names the shape).
+    fn assert_cuda_matches_cpu(&self, tol: f32) -> f32 {
+        let case = Case {
+            head_dim: self.d,
+            n_head: self.n_head,
+            n_head_kv: self.n_head_kv,
+            n_tokens: self.n_tokens,
+            n_kv: self.n_kv,
+            scale: 1.0 / (self.d as f32).sqrt(),
+            q: &self.q,
+            k_store: &self.k_store,
+            v_store: &self.v_store,
+            k_overlay: &self.k_overlay,
+            v_overlay: &self.v_overlay,
+            slot_to_cell: &self.slot_to_cell,
+            mask: &self.mask,
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        };
+        let cpu = two_tier_kernel::run(&case).unwrap();
+        let gpu = two_tier_kernel::run_on(&case, GPU).unwrap();
+        let err = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(
+            err <= tol && gpu.iter().all(|x| x.is_finite()),
+            "d={} heads={}/{} tokens={} cells={} overlay={}: max |cuda - cpu| = {err}",
+            self.d,
+            self.n_head,
+            self.n_head_kv,
+            self.n_tokens,
+            self.n_kv,
+            self.frac
+        );
+        err
+    }
 }
 
 /// CUDA vs CPU over the shapes that matter. Tolerance: the CUDA store tier rounds the
@@ -121,29 +178,7 @@ fn two_tier_attention_on_cuda_equals_the_cpu() {
                 }
                 let n_head = n_head_kv * gqa;
                 let p = problem(pick as u64 * 7919 + 1, d, n_head, n_head_kv, n_tokens, n_kv, frac);
-                let case = Case {
-                    head_dim: d,
-                    n_head,
-                    n_head_kv,
-                    n_tokens,
-                    n_kv,
-                    scale: 1.0 / (d as f32).sqrt(),
-                    q: &p.q,
-                    k_store: &p.k_store,
-                    v_store: &p.v_store,
-                    k_overlay: &p.k_overlay,
-                    v_overlay: &p.v_overlay,
-                    slot_to_cell: &p.slot_to_cell,
-                    mask: &p.mask,
-                    threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-                };
-                let cpu = two_tier_kernel::run(&case).unwrap();
-                let gpu = two_tier_kernel::run_on(&case, GPU).unwrap();
-                let err = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-                assert!(
-                    err <= 1e-2 && gpu.iter().all(|x| x.is_finite()),
-                    "d={d} heads={n_head}/{n_head_kv} tokens={n_tokens} cells={n_kv} overlay={frac}: max |cuda - cpu| = {err}"
-                );
+                let err = p.assert_cuda_matches_cpu(1e-2);
                 worst = worst.max(err);
                 cases += 1;
             }
@@ -152,8 +187,9 @@ fn two_tier_attention_on_cuda_equals_the_cpu() {
     eprintln!("{cases} cases, worst max |cuda - cpu| = {worst:e}");
 }
 
-/// The decode shapes of grouped-query models with 4 or 8 KV heads (Llama 3 8B: 8 of 128):
-/// the CUDA kernel gives a block 4 KV heads and stages their rows together there.
+/// The decode shapes of grouped-query models with 4 or 8 KV heads (Llama 3 8B: 8 of 128),
+/// with one and two queries per head: the shapes where a kernel that gives a block 4 KV
+/// heads and stages their rows together would run (branch `cuda-grouped-heads`).
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
 fn grouped_heads_on_cuda_equal_the_cpu() {
@@ -166,29 +202,7 @@ fn grouped_heads_on_cuda_equal_the_cpu() {
                     let n_kv = [700usize, 4100, 9000][pick % 3];
                     let n_head = n_head_kv * gqa;
                     let p = problem(pick as u64 * 104729 + 3, d, n_head, n_head_kv, n_tokens, n_kv, frac);
-                    let case = Case {
-                        head_dim: d,
-                        n_head,
-                        n_head_kv,
-                        n_tokens,
-                        n_kv,
-                        scale: 1.0 / (d as f32).sqrt(),
-                        q: &p.q,
-                        k_store: &p.k_store,
-                        v_store: &p.v_store,
-                        k_overlay: &p.k_overlay,
-                        v_overlay: &p.v_overlay,
-                        slot_to_cell: &p.slot_to_cell,
-                        mask: &p.mask,
-                        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-                    };
-                    let cpu = two_tier_kernel::run(&case).unwrap();
-                    let gpu = two_tier_kernel::run_on(&case, GPU).unwrap();
-                    let err = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-                    assert!(
-                        err <= 1e-2 && gpu.iter().all(|x| x.is_finite()),
-                        "d={d} heads={n_head}/{n_head_kv} tokens={n_tokens} cells={n_kv} overlay={frac}: max |cuda - cpu| = {err}"
-                    );
+                    p.assert_cuda_matches_cpu(1e-2);
                     cases += 1;
                 }
             }
