@@ -1155,8 +1155,10 @@ static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, co
     const int ov_blocks = (P.n_slots + WB*LQ_WARP_SLOTS - 1) / (WB*LQ_WARP_SLOTS);
     P.n_split_ov = 4*ov_blocks*base <= resident ? ov_blocks : 0;
     const int n_split   = std::max(min_split, std::min(max_split, (resident - P.n_split_ov*base) / base));
+    // a whole number of bitmap words per warp (grouped: a warp takes the block's cells)
+    constexpr int ALIGN = GR ? 32 : LQ_THREADS;
     int block_cells = (P.n_kv + n_split - 1) / n_split;
-    block_cells = (block_cells + LQ_THREADS - 1) / LQ_THREADS * LQ_THREADS;
+    block_cells = (block_cells + ALIGN - 1) / ALIGN * ALIGN;
     P.block_cells = block_cells;
     P.n_split     = (P.n_kv + block_cells - 1) / block_cells;
 
@@ -1172,10 +1174,26 @@ static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, co
     CUDA_CHECK(cudaGetLastError());
 }
 
+// Grouped blocks pay a block barrier per chunk and a prologue for 4 heads; they win
+// where each warp has many chunks (measured on an H200: level at 32768 x 8, ~32 chunks
+// per warp; ahead at 32768 x 32; behind at one sequence), so they take an op whose
+// cells and heads give each of a full wave's warps at least LQ_GROUP_CHUNKS chunks.
+// LOGQUANT_CUDA_GROUPED=1 takes them wherever they can run, =0 never (tests, profiling).
+#define LQ_GROUP_CHUNKS 32
+
 template <int D, int QT>
 static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, const int n_stream, float * dst) {
     if constexpr (D <= 128 && QT <= 4) {
-        if (lq_attn_grouped<D, QT>(P)) {
+        static int per_sm[GGML_CUDA_MAX_DEVICES] = {};
+        if (per_sm[ctx.device] == 0) {
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[ctx.device], lq_attn_partial<D, QT, true>, LQ_THREADS, 0));
+            per_sm[ctx.device] = std::max(1, per_sm[ctx.device]);
+        }
+        const int64_t warps = (int64_t) per_sm[ctx.device]*ggml_cuda_info().devices[ctx.device].nsm*LQ_WARPS;
+        const int64_t work  = (int64_t) P.n_kv*P.n_head_kv*P.n_qtiles*n_stream; // cells times (head, tile)
+        const char * force = getenv("LOGQUANT_CUDA_GROUPED");
+        const bool by_shape = work >= warps*LQ_GROUP_CHUNKS*32; // (32: lq_chunk<D>() for D <= 128)
+        if (lq_attn_grouped<D, QT>(P) && (force != nullptr && *force != '\0' ? *force == '1' : by_shape)) {
             lq_attn_launch<D, QT, true>(ctx, P, n_stream, dst);
             return;
         }
