@@ -55,7 +55,7 @@ fn greedy_generation_is_deterministic() {
 fn every_stock_cache_type_runs_and_allocates_what_the_reader_predicts() {
     let loaded = engine::load_model(&common::tiny_model(), &ModelParams::default()).unwrap();
     let prompt = loaded.model.tokenize("the cache type test", true).unwrap();
-    let gpu = !logquant::llama::gpu_devices().is_empty();
+    let gpu = loaded.cache_gpu_free().is_some(); // where new_context places the cache
     for t in KvCacheType::ALL {
         let mut cfg = ContextConfig::new(512);
         cfg.kv = KvConfig::new(t, t);
