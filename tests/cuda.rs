@@ -188,8 +188,9 @@ fn two_tier_attention_on_cuda_equals_the_cpu() {
 }
 
 /// The decode shapes of grouped-query models with 4 or 8 KV heads (Llama 3 8B: 8 of 128),
-/// with one and two queries per head: the shapes where a kernel that gives a block 4 KV
-/// heads and stages their rows together would run (branch `cuda-grouped-heads`).
+/// with one and two queries per head: the shapes where the kernel can give a block 4 KV
+/// heads and stage their rows together; each case runs with and without that layout
+/// (LOGQUANT_CUDA_GROUPED; by default it takes the op's size into account).
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
 fn grouped_heads_on_cuda_equal_the_cpu() {
@@ -202,7 +203,12 @@ fn grouped_heads_on_cuda_equal_the_cpu() {
                     let n_kv = [700usize, 4100, 9000][pick % 3];
                     let n_head = n_head_kv * gqa;
                     let p = problem(pick as u64 * 104729 + 3, d, n_head, n_head_kv, n_tokens, n_kv, frac);
-                    p.assert_cuda_matches_cpu(1e-2);
+                    // both layouts of the kernel (grouped blocks where they can run, and not)
+                    for force in ["1", "0"] {
+                        std::env::set_var("LOGQUANT_CUDA_GROUPED", force);
+                        p.assert_cuda_matches_cpu(1e-2);
+                    }
+                    std::env::remove_var("LOGQUANT_CUDA_GROUPED");
                     cases += 1;
                 }
             }

@@ -404,6 +404,72 @@ static __device__ __forceinline__ const char * lq_store_rows(const lq_attn_param
     return v ? P.v + (int64_t) ikv*P.v_nb2 + (int64_t) z*P.v_nb3 : P.k + (int64_t) ikv*P.k_nb2 + (int64_t) z*P.k_nb3;
 }
 
+// Grouped blocks (GR): the block's LQ_WARPS warps take LQ_WARPS consecutive KV heads of
+// one stream over the same cells, and stage each chunk together: the heads' slices of a
+// cell are contiguous (LQ_WARPS*NB*20 bytes of its row), so the block copies whole
+// 16-byte pieces of consecutive rows where a warp of its own would copy 8-byte pieces
+// of 40-byte slices 320 bytes apart (Llama 3 8B) - at 8 wavefronts per copy, and at a
+// fraction of the memory's speed (staging alone ran at 1.7 TB/s). Row words of a cell
+// in the shared buffer: padded to 4 mod 8, so that the 8 rows a K-code load reads start
+// in distinct groups of 4 banks.
+template <int D>
+static __host__ __device__ constexpr int lq_group_row_words() {
+    int w = LQ_WARPS*(D/QK_LQ2)*5;
+    while (w % 8 != 4) {
+        ++w;
+    }
+    return w;
+}
+
+// Where each thread's 16-byte copies of a grouped chunk go: copy k of thread i takes
+// piece (k*LQ_THREADS + i) % PIECES of cell (k*LQ_THREADS + i) / PIECES.
+template <int D>
+struct lq_group_plan {
+    static constexpr int NB     = D/QK_LQ2;
+    static constexpr int CH     = lq_chunk<D>();
+    static constexpr int SW     = lq_group_row_words<D>();
+    static constexpr int PIECES = LQ_WARPS*NB*(int) sizeof(block_lq2)/16; // per cell
+    static constexpr int N      = CH*PIECES;
+    static constexpr int ITER   = (N + LQ_THREADS - 1)/LQ_THREADS;
+    uint32_t goff[ITER]; // bytes from the chunk's first row (whole chunks)
+    uint32_t soff[ITER]; // bytes from the buffer's start
+
+    __device__ __forceinline__ lq_group_plan(const int64_t nb1) {
+#pragma unroll
+        for (int k = 0; k < ITER; ++k) {
+            const int i = k*LQ_THREADS + (int) threadIdx.x;
+            goff[k] = i < N ? (uint32_t) ((i/PIECES)*(int) nb1 + (i % PIECES)*16) : 0u;
+            soff[k] = i < N ? (uint32_t) ((i/PIECES)*SW*4 + (i % PIECES)*16) : 0u;
+        }
+    }
+};
+
+// The block stages the K and V slices of its heads for CH cells from kc, vc (cells past
+// n_left repeat the last) into the shared buffers at dk, dv; one cp.async group.
+template <int D>
+static __device__ __forceinline__ void lq_group_stage(const lq_group_plan<D> & plan, const uint32_t dk,
+        const uint32_t dv, const char * __restrict__ kc, const char * __restrict__ vc, const int64_t k_nb1,
+        const int64_t v_nb1, const bool whole, const int n_left) {
+    using PL = lq_group_plan<D>;
+#pragma unroll
+    for (int k = 0; k < PL::ITER; ++k) {
+        const int i = k*LQ_THREADS + (int) threadIdx.x;
+        if (PL::N % LQ_THREADS != 0 && i >= PL::N) {
+            break;
+        }
+        if (whole) {
+            lq_cp_async<16>(dk + plan.soff[k], kc + plan.goff[k]);
+            lq_cp_async<16>(dv + plan.soff[k], vc + plan.goff[k]);
+        } else {
+            const int64_t cell = min(i/PL::PIECES, n_left - 1);
+            const int     off  = (i % PL::PIECES)*16;
+            lq_cp_async<16>(dk + plan.soff[k], kc + cell*k_nb1 + off);
+            lq_cp_async<16>(dv + plan.soff[k], vc + cell*v_nb1 + off);
+        }
+    }
+    asm volatile("cp.async.commit_group;");
+}
+
 // Stage a warp's first chunk of store cells [w0, w1) into buffer 0 (lq_store_tier
 // stages the rest).
 template <int D>
@@ -419,6 +485,21 @@ static __device__ __forceinline__ void lq_store_stage_first(const lq_attn_params
     }
 }
 
+// The same for a grouped block (all its threads; ikv0: the group's first head).
+template <int D>
+static __device__ __forceinline__ void lq_group_stage_first(const lq_attn_params & P, const int w0, const int w1,
+        const int z, const int ikv0, uint32_t * s_kvf) {
+    constexpr int CH = lq_chunk<D>();
+    constexpr int BW = CH*lq_group_row_words<D>();
+    if (w0 < w1) {
+        const lq_group_plan<D> plan(P.k_nb1);
+        const uint32_t dk = (uint32_t) __cvta_generic_to_shared(s_kvf);
+        lq_group_stage<D>(plan, dk, dk + 2*BW*4, lq_store_rows(P, false, ikv0, z) + (int64_t) w0*P.k_nb1,
+            lq_store_rows(P, true, ikv0, z) + (int64_t) w0*P.v_nb1, P.k_nb1, P.v_nb1,
+            lq_stage_whole<CH>(P, w0, w1), w1 - w0);
+    }
+}
+
 // The store tier of one warp on tensor cores: cells [w0, w1) of this block (which
 // starts at b0), lq_chunk() at a time, each chunk's rows staged in shared memory (s_kv:
 // two buffers of K and V slices) while the one before is computed; its partial result
@@ -426,16 +507,18 @@ static __device__ __forceinline__ void lq_store_stage_first(const lq_attn_params
 // 2t+1 of the tile: their running max M and sum S, O = the output elements 64b + 8g + j
 // of block b (in the mma layout: tile 4b + j/2, register 2*(j%2) + query), and Om =
 // sum(p*minimum) per block over its own cells. PLAIN: the mask is the bitmap alone and
-// there is no softcap (lq_attn_partial's plain case).
-template <int D, int QT, bool PLAIN>
+// there is no softcap (lq_attn_partial's plain case). GR: a grouped block (above): the
+// block stages each chunk, kv is the warp's view of the block's buffers.
+template <int D, int QT, bool PLAIN, bool GR>
 static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, const int w0, const int w1, const int b0,
         const int z, const int ikv, const int qt, const int8_t (*s_qi8)[D], const float (*s_qd)[D/QK_LQ2],
-        const float (*s_qs)[D/QK_LQ2], const uint32_t * s_skip, uint32_t (*s_kv)[2][lq_chunk<D>()*D/QK_LQ2*5],
-        const int p) {
+        const float (*s_qs)[D/QK_LQ2], const uint32_t * s_skip, uint32_t * kv, const int p) {
     constexpr int NB = D/QK_LQ2;
     constexpr int RW = NB*5; // 32-bit words of a cell's slice
     constexpr int CH = lq_chunk<D>();
     constexpr int NT = CH/16;
+    constexpr int SW = GR ? lq_group_row_words<D>() : RW; // words from a cell's row to the next in a buffer
+    constexpr int BW = CH*SW;                              // words of a buffer; K's two, then V's
     // Half columns: a tile of at most 4 queries (a decode step of GQA up to 4) fills
     // half the 8 columns of the products, and lanes t = 2, 3 would spend the softmax on
     // empty ones. Instead tile 1's products use columns 4..7 (the query's B operand
@@ -510,9 +593,11 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
         }
     }
 
-    const char * kbase = lq_store_rows(P, false, ikv, z);
-    const char * vbase = lq_store_rows(P, true, ikv, z);
-    const lq_stage_plan<NB, CH> plan(P.k_nb1, &s_kv[0][0][0]);
+    const char * kbase = lq_store_rows(P, false, GR ? ikv/LQ_WARPS*LQ_WARPS : ikv, z);
+    const char * vbase = lq_store_rows(P, true,  GR ? ikv/LQ_WARPS*LQ_WARPS : ikv, z);
+    const lq_stage_plan<NB, CH> plan(P.k_nb1, kv); // (unused by GR)
+    const lq_group_plan<D> gplan(P.k_nb1);         // (GR only)
+    const uint32_t gk = GR ? (uint32_t) __cvta_generic_to_shared(kv - (ikv % LQ_WARPS)*RW) : 0u; // the block's K buffer 0
     // the chunk row of the lane's score cells: element tile ue, row s
     auto row_of = [&](const int ue, const int s) {
         return 16*(HALF ? uo : ue) + g + 8*s;
@@ -536,7 +621,7 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
     };
 
     float mv_next[NE][2][2];
-    if (w0 < w1) { // (chunk 0 was staged by lq_store_stage_first)
+    if (w0 < w1) { // (chunk 0 was staged by lq_store_stage_first or lq_group_stage_first)
         if constexpr (!PLAIN) {
             load_mask(w0, mv_next);
         }
@@ -568,19 +653,34 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 }
             }
         }
-        if (c0 + CH < w1) {
-            lq_stage_chunk<NB, CH>(plan, 1 - buf, kbase + (int64_t) (c0 + CH)*P.k_nb1, vbase + (int64_t) (c0 + CH)*P.v_nb1,
-                P.k_nb1, P.v_nb1, lq_stage_whole<CH>(P, c0 + CH, w1), w1 - (c0 + CH));
-            if constexpr (!PLAIN) {
-                load_mask(c0 + CH, mv_next);
-            }
-            asm volatile("cp.async.wait_group 1;" ::: "memory");
-        } else {
+        if constexpr (GR) {
+            // this chunk's copies (all threads') landed, and every warp is done with the
+            // buffer the next goes into
             asm volatile("cp.async.wait_group 0;" ::: "memory");
+            __syncthreads();
+            if (c0 + CH < w1) {
+                lq_group_stage<D>(gplan, gk + (1 - buf)*BW*4, gk + (2 + 1 - buf)*BW*4,
+                    kbase + (int64_t) (c0 + CH)*P.k_nb1, vbase + (int64_t) (c0 + CH)*P.v_nb1, P.k_nb1, P.v_nb1,
+                    lq_stage_whole<CH>(P, c0 + CH, w1), w1 - (c0 + CH));
+                if constexpr (!PLAIN) {
+                    load_mask(c0 + CH, mv_next);
+                }
+            }
+        } else {
+            if (c0 + CH < w1) {
+                lq_stage_chunk<NB, CH>(plan, 1 - buf, kbase + (int64_t) (c0 + CH)*P.k_nb1, vbase + (int64_t) (c0 + CH)*P.v_nb1,
+                    P.k_nb1, P.v_nb1, lq_stage_whole<CH>(P, c0 + CH, w1), w1 - (c0 + CH));
+                if constexpr (!PLAIN) {
+                    load_mask(c0 + CH, mv_next);
+                }
+                asm volatile("cp.async.wait_group 1;" ::: "memory");
+            } else {
+                asm volatile("cp.async.wait_group 0;" ::: "memory");
+            }
+            __syncwarp();
         }
-        __syncwarp();
-        const uint32_t * sk = s_kv[0][buf];
-        const uint32_t * sv = s_kv[1][buf];
+        const uint32_t * sk = kv + buf*BW;
+        const uint32_t * sv = kv + (2 + buf)*BW;
         const uint16_t * sv16 = (const uint16_t *) sv;
 
         // scores: cells row_of(ue, s), queries cq + e
@@ -593,8 +693,8 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 int si[4] = {0, 0, 0, 0};
 #pragma unroll
                 for (int u = HALF ? 0 : ue; u < (HALF ? NT : ue + 1); ++u) {
-                    const uint32_t w0r = sk[(16*u + g)*RW + 5*b + 1 + t];
-                    const uint32_t w1r = sk[(16*u + g + 8)*RW + 5*b + 1 + t];
+                    const uint32_t w0r = sk[(16*u + g)*SW + 5*b + 1 + t];
+                    const uint32_t w1r = sk[(16*u + g + 8)*SW + 5*b + 1 + t];
                     const int v = HALF ? u : 0;
                     lq_mma_u8s8(si, w0r & 0x03030303u, w1r & 0x03030303u, (w0r >> 2) & 0x03030303u,
                         (w1r >> 2) & 0x03030303u, qb[v][b][0][0], qb[v][b][0][1]);
@@ -603,7 +703,7 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 }
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
-                    const uint32_t dmw = sk[row_of(ue, s)*RW + 5*b];
+                    const uint32_t dmw = sk[row_of(ue, s)*SW + 5*b];
                     const float2 dm = __half22float2(*(const half2 *) &dmw);
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
@@ -689,7 +789,7 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 const bool dead = mv[ue][s][0] == -INFINITY && mv[ue][s][1] == -INFINITY;
 #pragma unroll
                 for (int b = 0; b < NB; ++b) {
-                    const uint32_t dmw = sv[row_of(ue, s)*RW + 5*b];
+                    const uint32_t dmw = sv[row_of(ue, s)*SW + 5*b];
                     float2 dm = __half22float2(*(const half2 *) &dmw);
                     if (dead) {
                         dm = make_float2(0.0f, 0.0f);
@@ -713,9 +813,9 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 for (int s = 0; s < 2; ++s) {
                     pb[s] = lq_transpose8x8(HALF ? (uo == u ? pk[0][s][b] : 0u) : pk[HALF ? 0 : u][s][b]);
                 }
-                const uint16_t * cv = sv16 + (16*u + 2*t)*2*RW + 10*b + 2 + g;
-                const uint32_t x0 = __byte_perm(cv[0], cv[2*RW], 0x5410);               // cells 2t, 2t+1
-                const uint32_t x1 = __byte_perm(cv[8*2*RW], cv[9*2*RW], 0x5410);        // cells 2t+8, 2t+9
+                const uint16_t * cv = sv16 + (16*u + 2*t)*2*SW + 10*b + 2 + g;
+                const uint32_t x0 = __byte_perm(cv[0], cv[2*SW], 0x5410);               // cells 2t, 2t+1
+                const uint32_t x1 = __byte_perm(cv[8*2*SW], cv[9*2*SW], 0x5410);        // cells 2t+8, 2t+9
                 const uint32_t x0h = x0 >> 10;
                 const uint32_t x1h = x1 >> 10;
                 lq_mma_f16(O[4*b + 0], lq_v_operand<0>(x0, x0h), lq_v_operand<1>(x0, x0h), lq_v_operand<0>(x1, x1h), lq_v_operand<1>(x1, x1h), pb[0], pb[1]);
@@ -724,7 +824,9 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                 lq_mma_f16(O[4*b + 3], lq_v_operand<6>(x0, x0h), lq_v_operand<7>(x0, x0h), lq_v_operand<6>(x1, x1h), lq_v_operand<7>(x1, x1h), pb[0], pb[1]);
             }
         }
-        __syncwarp(); // the next iteration stages into this buffer
+        if constexpr (!GR) {
+            __syncwarp(); // the next iteration stages into this buffer
+        }
     }
 
     if constexpr (HALF) {
@@ -776,57 +878,69 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
 }
 #endif // AMPERE_MMA_AVAILABLE
 
-template <int D, int QT>
+template <int D, int QT, bool GR>
 static __global__ void __launch_bounds__(LQ_THREADS, D == 256 ? 2 : 4) lq_attn_partial(const lq_attn_params P) {
 #ifdef AMPERE_MMA_AVAILABLE
     constexpr int NB  = D/QK_LQ2;
+    constexpr int CH  = lq_chunk<D>();
+    constexpr int HG  = GR ? LQ_WARPS : 1; // KV heads per block
+    constexpr int KVW = GR ? 4*CH*lq_group_row_words<D>() : LQ_WARPS*4*CH*NB*5; // staging words
     const int warp = threadIdx.x / WARP_SIZE;
     const int lane = threadIdx.x % WARP_SIZE;
     const int z    = blockIdx.z;
-    const int ikv  = blockIdx.y % P.n_head_kv;
-    const int qt   = blockIdx.y / P.n_head_kv;
+    const int n_hb = P.n_head_kv / HG;                 // blocks along the heads
+    const int ikv  = (int) blockIdx.y % n_hb*HG + (GR ? warp : 0); // this warp's KV head
+    const int qt   = blockIdx.y / n_hb;
+    const int hw   = GR ? warp : 0;                    // its index in the per-head arrays
     const int GN   = P.G*P.N;
     // The overlay's slots go to blocks of their own (n_split_ov > 0: LQ_WARP_SLOTS per
     // warp, where they are few beside the store's blocks) or are shared by the store's
-    // warps, each of which then leaves two partial results (slots at part, cells at
-    // n_split*LQ_WARPS + part): where there would be many overlay blocks, they would
-    // take GPU slots from the store's for the short time they run and leave them idle
-    // after.
-    const int part = blockIdx.x*LQ_WARPS + warp;
+    // warps, each of which then leaves two partial results (cells at part, slots at
+    // n_split*LQ_WARPS + part; grouped: n_split + part): where there would be many
+    // overlay blocks, they would take GPU slots from the store's for the short time
+    // they run and leave them idle after. Grouped, a warp is its head's only one in the
+    // block, and the partials of a head are numbered by block.
+    const int part = GR ? (int) blockIdx.x : blockIdx.x*LQ_WARPS + warp;
 
-    __shared__ float  s_qf[QT][D];         // the tile's queries
-    __shared__ int8_t s_qi8[LQ_COLS][D];   // ... rounded to int8 per 64-value block (0 past the tile)
-    __shared__ float  s_qd[LQ_COLS][NB];   // int8 scale per block
-    __shared__ float  s_qs[LQ_COLS][NB];   // sum of the int8-rounded query per block
+    __shared__ float  s_qf[HG][QT][D];         // the tiles' queries
+    __shared__ int8_t s_qi8[HG][LQ_COLS][D];   // ... rounded to int8 per 64-value block (0 past the tile)
+    __shared__ float  s_qd[HG][LQ_COLS][NB];   // int8 scale per block
+    __shared__ float  s_qs[HG][LQ_COLS][NB];   // sum of the int8-rounded query per block
     __shared__ __align__(16) float s_p[LQ_WARPS][WARP_SIZE][QT]; // overlay: each slot's softmax weights
     __shared__ uint32_t s_skip[LQ_BLOCK_CELLS_MAX/32];
-    __shared__ __align__(16) uint32_t s_kv[LQ_WARPS][2][2][lq_chunk<D>()*NB*5]; // per warp: K|V, two buffers
+    __shared__ __align__(16) uint32_t s_kvf[KVW]; // K|V, two buffers: per warp, or the block's (GR)
+    uint32_t * kv = GR ? s_kvf + warp*NB*5 : s_kvf + warp*4*CH*NB*5; // this warp's view
 
     const bool overlay_only = (int) blockIdx.x >= P.n_split;
     const int b0 = blockIdx.x*P.block_cells;
     const int b1 = min(P.n_kv, b0 + P.block_cells);
-    const int per_warp = P.block_cells / LQ_WARPS;
-    const int w0 = b0 + warp*per_warp;
+    const int per_warp = GR ? P.block_cells : P.block_cells / LQ_WARPS;
+    const int w0 = GR ? b0 : b0 + warp*per_warp;
     const int w1 = min(b1, w0 + per_warp);
     if (!overlay_only) {
         // the first chunk's rows travel while the block gets ready
-        lq_store_stage_first<D>(P, w0, w1, z, ikv, s_kv[warp]);
+        if constexpr (GR) {
+            lq_group_stage_first<D>(P, w0, w1, z, ikv - warp, s_kvf);
+        } else {
+            lq_store_stage_first<D>(P, w0, w1, z, ikv, (uint32_t (*)[2][CH*NB*5]) kv);
+        }
         for (int w = threadIdx.x; w < LQ_BLOCK_CELLS_MAX/32; w += LQ_THREADS) {
             s_skip[w] = 0;
         }
         __syncthreads();
     }
 
-    for (int idx = threadIdx.x; idx < QT*D; idx += LQ_THREADS) {
-        const int j  = idx / D;
+    for (int idx = threadIdx.x; idx < HG*QT*D; idx += LQ_THREADS) {
+        const int h  = idx / (QT*D);
+        const int j  = idx / D % QT;
         const int d  = idx % D;
         const int qi = qt*QT + j;
         float x = 0.0f;
         if (qi < GN) {
-            const lq_query q = lq_query_of(P, ikv, z, qi);
+            const lq_query q = lq_query_of(P, ikv - hw + h, z, qi);
             x = *(const float *) (P.q + (int64_t) d*sizeof(float) + q.t*P.q_nb1 + q.h*P.q_nb2 + z*P.q_nb3);
         }
-        s_qf[j][d] = x;
+        s_qf[h][j][d] = x;
     }
 
     // The store tier's plain case: every query of the tile has one mask row (one token:
@@ -876,42 +990,52 @@ static __global__ void __launch_bounds__(LQ_THREADS, D == 256 ? 2 : 4) lq_attn_p
     plain = plain && !any_other;
 
     if (P.n_split_ov == 0 || overlay_only) {
-        const int n_warps   = P.n_split*LQ_WARPS;
-        const int per_warp_ov = overlay_only ? LQ_WARP_SLOTS : (P.n_slots + n_warps - 1) / n_warps;
-        const int s0 = min(P.n_slots, (overlay_only ? part - n_warps : part)*per_warp_ov);
-        const int s1 = min(P.n_slots, s0 + per_warp_ov);
-        lq_overlay_tier<D, QT>(P, s0, s1, z, ikv, qt, s_qf, s_p[warp], overlay_only ? part : n_warps + part);
+        int s0, s1, p;
+        if constexpr (GR) {
+            const int per_ov = overlay_only ? LQ_WARP_SLOTS : (P.n_slots + P.n_split - 1) / P.n_split;
+            s0 = min(P.n_slots, (overlay_only ? part - P.n_split : part)*per_ov);
+            s1 = min(P.n_slots, s0 + per_ov);
+            p  = overlay_only ? part : P.n_split + part;
+        } else {
+            const int n_warps     = P.n_split*LQ_WARPS;
+            const int per_warp_ov = overlay_only ? LQ_WARP_SLOTS : (P.n_slots + n_warps - 1) / n_warps;
+            s0 = min(P.n_slots, (overlay_only ? part - n_warps : part)*per_warp_ov);
+            s1 = min(P.n_slots, s0 + per_warp_ov);
+            p  = overlay_only ? part : n_warps + part;
+        }
+        lq_overlay_tier<D, QT>(P, s0, s1, z, ikv, qt, s_qf[hw], s_p[warp], p);
         if (overlay_only) {
             return;
         }
     }
 
-    // int8 query, one warp per (column, block)
-    for (int pair = warp; pair < LQ_COLS*NB; pair += LQ_WARPS) {
-        const int j = pair / NB;
+    // int8 query, one warp per (head, column, block)
+    for (int pair = warp; pair < HG*LQ_COLS*NB; pair += LQ_WARPS) {
+        const int h = pair / (LQ_COLS*NB);
+        const int j = pair / NB % LQ_COLS;
         const int b = pair % NB;
-        const float x0 = j < QT ? s_qf[j][b*QK_LQ2 + 2*lane]     : 0.0f;
-        const float x1 = j < QT ? s_qf[j][b*QK_LQ2 + 2*lane + 1] : 0.0f;
+        const float x0 = j < QT ? s_qf[h][j][b*QK_LQ2 + 2*lane]     : 0.0f;
+        const float x1 = j < QT ? s_qf[h][j][b*QK_LQ2 + 2*lane + 1] : 0.0f;
         const float amax = warp_reduce_max(fmaxf(fabsf(x0), fabsf(x1)));
         const float dq = amax / 127.0f;
         const float iq = dq > 0.0f ? 1.0f/dq : 0.0f;
         const int q0 = __float2int_rn(x0*iq);
         const int q1 = __float2int_rn(x1*iq);
         const int sum = warp_reduce_sum(q0 + q1);
-        s_qi8[j][b*QK_LQ2 + 2*lane]     = (int8_t) q0;
-        s_qi8[j][b*QK_LQ2 + 2*lane + 1] = (int8_t) q1;
+        s_qi8[h][j][b*QK_LQ2 + 2*lane]     = (int8_t) q0;
+        s_qi8[h][j][b*QK_LQ2 + 2*lane + 1] = (int8_t) q1;
         if (lane == 0) {
-            s_qd[j][b] = dq;
-            s_qs[j][b] = dq*(float) sum;
+            s_qd[h][j][b] = dq;
+            s_qs[h][j][b] = dq*(float) sum;
         }
     }
     __syncthreads();
 
     // (two loops: one with both kinds of mask spent registers and instructions on both)
     if (plain) {
-        lq_store_tier<D, QT, true>(P, w0, w1, b0, z, ikv, qt, s_qi8, s_qd, s_qs, s_skip, s_kv[warp], part);
+        lq_store_tier<D, QT, true, GR>(P, w0, w1, b0, z, ikv, qt, s_qi8[hw], s_qd[hw], s_qs[hw], s_skip, kv, part);
     } else {
-        lq_store_tier<D, QT, false>(P, w0, w1, b0, z, ikv, qt, s_qi8, s_qd, s_qs, s_skip, s_kv[warp], part);
+        lq_store_tier<D, QT, false, GR>(P, w0, w1, b0, z, ikv, qt, s_qi8[hw], s_qd[hw], s_qs[hw], s_skip, kv, part);
     }
 #else
     GGML_UNUSED(P);
@@ -997,40 +1121,84 @@ static __global__ void __launch_bounds__(LQ_COMBINE_THREADS) lq_attn_combine(con
     }
 }
 
+// Whether the grouped blocks (lq_group_plan) can take this op: LQ_WARPS heads per
+// block, their slices contiguous and 16-byte aligned, and shared memory for LQ_WARPS
+// heads' queries (head size 128 or less, 4 queries or fewer per tile).
 template <int D, int QT>
+static bool lq_attn_grouped(const lq_attn_params & P) {
+    constexpr int SLICE = D/QK_LQ2*(int) sizeof(block_lq2);
+    auto a16 = [](const void * p, const int64_t nb1, const int64_t nb3) {
+        return (uintptr_t) p % 16 == 0 && nb1 % 16 == 0 && nb3 % 16 == 0;
+    };
+    return D <= 128 && QT <= 4 && P.n_head_kv % LQ_WARPS == 0 && P.k_nb2 == SLICE && P.v_nb2 == SLICE &&
+        a16(P.k, P.k_nb1, P.k_nb3) && a16(P.v, P.v_nb1, P.v_nb3);
+}
+
+template <int D, int QT, bool GR>
 static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, const int n_stream, float * dst) {
     // One wave: as many blocks along the cells as fit on the GPU at once (a decode step
     // is short: a partial second wave costs about what the first does), at most
     // LQ_BLOCK_CELLS_MAX cells each, at least LQ_WARP_CELLS_MIN cells per warp (fewer
     // make the partials cost more than the cells).
+    constexpr int HG = GR ? LQ_WARPS : 1; // KV heads per block
+    constexpr int WB = LQ_WARPS / HG;     // warps per head in a block
     static int per_sm[GGML_CUDA_MAX_DEVICES] = {};
     if (per_sm[ctx.device] == 0) {
-        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[ctx.device], lq_attn_partial<D, QT>, LQ_THREADS, 0));
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[ctx.device], lq_attn_partial<D, QT, GR>, LQ_THREADS, 0));
         per_sm[ctx.device] = std::max(1, per_sm[ctx.device]);
     }
     const int resident  = per_sm[ctx.device]*ggml_cuda_info().devices[ctx.device].nsm;
-    const int base      = P.n_head_kv*P.n_qtiles*n_stream;
+    const int base      = P.n_head_kv/HG*P.n_qtiles*n_stream;
     const int min_split = (P.n_kv + LQ_BLOCK_CELLS_MAX - 1) / LQ_BLOCK_CELLS_MAX;
-    const int max_split = std::max(1, P.n_kv / (LQ_WARPS*LQ_WARP_CELLS_MIN));
+    const int max_split = std::max(1, P.n_kv / (WB*LQ_WARP_CELLS_MIN));
     // overlay blocks of their own where they are at most a quarter of the wave
-    const int ov_blocks = (P.n_slots + LQ_WARPS*LQ_WARP_SLOTS - 1) / (LQ_WARPS*LQ_WARP_SLOTS);
+    const int ov_blocks = (P.n_slots + WB*LQ_WARP_SLOTS - 1) / (WB*LQ_WARP_SLOTS);
     P.n_split_ov = 4*ov_blocks*base <= resident ? ov_blocks : 0;
     const int n_split   = std::max(min_split, std::min(max_split, (resident - P.n_split_ov*base) / base));
+    // a whole number of bitmap words per warp (grouped: a warp takes the block's cells)
+    constexpr int ALIGN = GR ? 32 : LQ_THREADS;
     int block_cells = (P.n_kv + n_split - 1) / n_split;
-    block_cells = (block_cells + LQ_THREADS - 1) / LQ_THREADS * LQ_THREADS;
+    block_cells = (block_cells + ALIGN - 1) / ALIGN * ALIGN;
     P.block_cells = block_cells;
     P.n_split     = (P.n_kv + block_cells - 1) / block_cells;
 
     const int n_q_per_kv = P.n_qtiles*QT;
-    P.n_parts = (P.n_split_ov > 0 ? P.n_split + P.n_split_ov : 2*P.n_split)*LQ_WARPS;
+    P.n_parts = (P.n_split_ov > 0 ? P.n_split + P.n_split_ov : 2*P.n_split)*WB;
     ggml_cuda_pool_alloc<float> part(ctx.pool(), (size_t) n_stream*P.n_head_kv*n_q_per_kv*P.n_parts*(2 + D));
     P.part = part.get();
     cudaStream_t stream = ctx.stream();
-    const dim3 grid(P.n_split + P.n_split_ov, P.n_head_kv*P.n_qtiles, n_stream);
-    lq_attn_partial<D, QT><<<grid, LQ_THREADS, 0, stream>>>(P);
+    const dim3 grid(P.n_split + P.n_split_ov, P.n_head_kv/HG*P.n_qtiles, n_stream);
+    lq_attn_partial<D, QT, GR><<<grid, LQ_THREADS, 0, stream>>>(P);
     const dim3 grid_c(n_q_per_kv, P.n_head_kv, n_stream);
     lq_attn_combine<D><<<grid_c, LQ_COMBINE_THREADS, P.n_parts*sizeof(float), stream>>>(P.part, dst, P.n_parts, P.n_head_kv, n_q_per_kv, P.G, P.N, P.n_head);
     CUDA_CHECK(cudaGetLastError());
+}
+
+// Grouped blocks pay a block barrier per chunk and a prologue for 4 heads; they win
+// where each warp has many chunks (measured on an H200: level at 32768 x 8, ~32 chunks
+// per warp; ahead at 32768 x 32; behind at one sequence), so they take an op whose
+// cells and heads give each of a full wave's warps at least LQ_GROUP_CHUNKS chunks.
+// LOGQUANT_CUDA_GROUPED=1 takes them wherever they can run, =0 never (tests, profiling).
+#define LQ_GROUP_CHUNKS 32
+
+template <int D, int QT>
+static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, const int n_stream, float * dst) {
+    if constexpr (D <= 128 && QT <= 4) {
+        static int per_sm[GGML_CUDA_MAX_DEVICES] = {};
+        if (per_sm[ctx.device] == 0) {
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[ctx.device], lq_attn_partial<D, QT, true>, LQ_THREADS, 0));
+            per_sm[ctx.device] = std::max(1, per_sm[ctx.device]);
+        }
+        const int64_t warps = (int64_t) per_sm[ctx.device]*ggml_cuda_info().devices[ctx.device].nsm*LQ_WARPS;
+        const int64_t work  = (int64_t) P.n_kv*P.n_head_kv*P.n_qtiles*n_stream; // cells times (head, tile)
+        const char * force = getenv("LOGQUANT_CUDA_GROUPED");
+        const bool by_shape = work >= warps*LQ_GROUP_CHUNKS*32; // (32: lq_chunk<D>() for D <= 128)
+        if (lq_attn_grouped<D, QT>(P) && (force != nullptr && *force != '\0' ? *force == '1' : by_shape)) {
+            lq_attn_launch<D, QT, true>(ctx, P, n_stream, dst);
+            return;
+        }
+    }
+    lq_attn_launch<D, QT, false>(ctx, P, n_stream, dst);
 }
 
 template <int D>
