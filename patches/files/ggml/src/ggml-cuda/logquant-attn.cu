@@ -1150,6 +1150,18 @@ static int lq_warp_slots() {
     return n;
 }
 
+// Blocks of lq_attn_partial<D, QT, GR> that fit on the device at once (one wave),
+// from the occupancy API, asked once per device and layout.
+template <int D, int QT, bool GR>
+static int lq_resident_blocks(const int device) {
+    static int per_sm[GGML_CUDA_MAX_DEVICES] = {};
+    if (per_sm[device] == 0) {
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[device], lq_attn_partial<D, QT, GR>, LQ_THREADS, 0));
+        per_sm[device] = std::max(1, per_sm[device]);
+    }
+    return per_sm[device]*ggml_cuda_info().devices[device].nsm;
+}
+
 template <int D, int QT, bool GR>
 static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, const int n_stream, float * dst) {
     // One wave: as many blocks along the cells as fit on the GPU at once (a decode step
@@ -1158,12 +1170,7 @@ static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, co
     // make the partials cost more than the cells).
     constexpr int HG = GR ? LQ_WARPS : 1; // KV heads per block
     constexpr int WB = LQ_WARPS / HG;     // warps per head in a block
-    static int per_sm[GGML_CUDA_MAX_DEVICES] = {};
-    if (per_sm[ctx.device] == 0) {
-        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[ctx.device], lq_attn_partial<D, QT, GR>, LQ_THREADS, 0));
-        per_sm[ctx.device] = std::max(1, per_sm[ctx.device]);
-    }
-    const int resident  = per_sm[ctx.device]*ggml_cuda_info().devices[ctx.device].nsm;
+    const int resident  = lq_resident_blocks<D, QT, GR>(ctx.device);
     const int base      = P.n_head_kv/HG*P.n_qtiles*n_stream;
     const int min_split = (P.n_kv + LQ_BLOCK_CELLS_MAX - 1) / LQ_BLOCK_CELLS_MAX;
     const int max_split = std::max(1, P.n_kv / (WB*LQ_WARP_CELLS_MIN));
@@ -1195,18 +1202,14 @@ static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, co
 // where each warp has many chunks (measured on an H200: level at 32768 x 8, ~32 chunks
 // per warp; ahead at 32768 x 32; behind at one sequence), so they take an op whose
 // cells and heads give each of a full wave's warps at least LQ_GROUP_CHUNKS chunks.
-// LOGQUANT_CUDA_GROUPED=1 takes them wherever they can run, =0 never (tests, profiling).
+// LOGQUANT_CUDA_GROUPED=1 takes them wherever they can run, =0 never (tests, profiling;
+// read at each launch, as the tests switch it between cases).
 #define LQ_GROUP_CHUNKS 32
 
 template <int D, int QT>
 static void lq_attn_launch(ggml_backend_cuda_context & ctx, lq_attn_params P, const int n_stream, float * dst) {
     if constexpr (D <= 128 && QT <= 4) {
-        static int per_sm[GGML_CUDA_MAX_DEVICES] = {};
-        if (per_sm[ctx.device] == 0) {
-            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[ctx.device], lq_attn_partial<D, QT, true>, LQ_THREADS, 0));
-            per_sm[ctx.device] = std::max(1, per_sm[ctx.device]);
-        }
-        const int64_t warps = (int64_t) per_sm[ctx.device]*ggml_cuda_info().devices[ctx.device].nsm*LQ_WARPS;
+        const int64_t warps = (int64_t) lq_resident_blocks<D, QT, true>(ctx.device)*LQ_WARPS;
         const int64_t work  = (int64_t) P.n_kv*P.n_head_kv*P.n_qtiles*n_stream; // cells times (head, tile)
         const char * force = getenv("LOGQUANT_CUDA_GROUPED");
         const bool by_shape = work >= warps*LQ_GROUP_CHUNKS*32; // (32: lq_chunk<D>() for D <= 128)
