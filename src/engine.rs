@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::gguf::{GgufError, GgufFile, KvCacheParams, KvCacheType, ModelInfo};
-use crate::kvconfig::KvConfig;
+use crate::kvconfig::{Centering, KvConfig};
 use crate::llama::{self, Context, ContextParams, FlashAttn, LlamaError, Model, ModelParams};
 use crate::session::Session;
 
@@ -180,7 +180,7 @@ impl LoadedModel {
             swa_full: false,
             flash_attn: true,
         };
-        self.info.overlay_bytes(&params, slots)
+        self.info.overlay_bytes(&params, slots, cfg.kv.center != Centering::NONE)
     }
 
     /// Free memory of the GPU where offloaded layers keep their KV cache; None when
@@ -253,9 +253,10 @@ impl LoadedModel {
         let mut ctx = Context::new(&self.model, &p)?;
         // A no_alloc context only sizes buffers (crate::plan adds the overlay's bytes).
         if !self.params.no_alloc {
-            ctx.enable_overlay(sizes.slots)?;
+            ctx.enable_overlay(sizes.slots, cfg.kv.center)?;
         }
-        Ok(Session::two_tier(ctx, cfg.kv.policy.expect("two-tier sizes imply a policy"), sizes.per_seq))
+        let policy = cfg.kv.policy.expect("two-tier sizes imply a policy");
+        Ok(Session::two_tier(ctx, policy, sizes.per_seq, cfg.kv.swa_recent))
     }
 }
 
@@ -269,6 +270,14 @@ pub fn check_lq2_placement(kv: KvConfig, on_gpu: bool) -> Result<(), EngineError
     if on_gpu && lq2 && kv.policy.is_none() {
         return Err(EngineError::Input(format!(
             "the single-tier {kv} cache has no GPU attention kernel (llama.cpp's flash attention would run on the CPU, copying the cache every step); use logquant:D=0 (every token 2-bit, through logquant's GPU kernels), or keep the cache on the CPU with --ngl 0"
+        )));
+    }
+    let lq2_store = kv.k == KvCacheType::Lq2 && kv.v == KvCacheType::Lq2;
+    if on_gpu && kv.policy.is_some() && !lq2_store {
+        return Err(EngineError::Input(format!(
+            "the two-tier {kv} cache has a {}/{} store, and logquant's GPU kernels run an lq2 store only; keep the cache on the CPU with --ngl 0, or drop the k=/v= options",
+            kv.k.name(),
+            kv.v.name()
         )));
     }
     Ok(())

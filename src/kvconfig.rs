@@ -8,6 +8,13 @@
 //!   the two-tier cache: every token in the 2-bit store, plus an f16 overlay of the `D`
 //!   tokens the retention policy keeps (src/retention.rs), attention over both.
 //!
+//! Options of the two-tier cache follow the budget, separated by colons:
+//! `k=TYPE` / `v=TYPE` give the store's K / V type (default lq2; any of llama.cpp's
+//! types runs on the CPU, the CUDA kernel runs lq2), and `center=kv|k|v|none` centers
+//! K and/or V per sequence before they are quantized (include/logquant.h,
+//! LOGQUANT_CENTER_K), and `swa=recent|same` chooses what the sliding-window layers
+//! keep (their newest D tokens, or the policy's set), e.g. `logquant:D=384:k=q4_0:center=k`.
+//!
 //! The default budget is D = 384 (LogQuant's W = 128): the newest 128 tokens and 256
 //! log-spaced older ones. It is 9% of a 4096-token context, and at 16384 tokens the
 //! overlay (budget plus one micro-batch) costs under 0.5 bits per value, which keeps
@@ -24,10 +31,54 @@ pub struct KvConfig {
     pub v: KvCacheType,
     /// The two-tier cache's retention policy; None for a single-tier cache.
     pub policy: Option<Policy>,
+    /// Which of K and V the two-tier cache centers (none for a single-tier cache).
+    pub center: Centering,
+    /// Two-tier cache: in the sliding-window layers (a cache of their own), keep the
+    /// newest D tokens rather than the policy's set (`swa=recent`; `swa=same`: the
+    /// policy's set everywhere). No effect on a model without such layers.
+    pub swa_recent: bool,
+}
+
+/// Per-sequence centering of the two-tier cache's K and V: each channel's offset,
+/// taken from the first tokens, subtracted before quantizing (include/logquant.h).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Centering {
+    pub k: bool,
+    pub v: bool,
+}
+
+impl Centering {
+    pub const NONE: Centering = Centering { k: false, v: false };
+
+    fn parse(text: &str) -> Option<Centering> {
+        let (k, v) = match text.to_ascii_lowercase().as_str() {
+            "kv" | "vk" | "both" => (true, true),
+            "k" => (true, false),
+            "v" => (false, true),
+            "none" | "off" => (false, false),
+            _ => return None,
+        };
+        Some(Centering { k, v })
+    }
+
+    fn name(&self) -> &'static str {
+        match (self.k, self.v) {
+            (true, true) => "kv",
+            (true, false) => "k",
+            (false, true) => "v",
+            (false, false) => "none",
+        }
+    }
 }
 
 /// The dense budget of `logquant`, `kivi` and `streaming` when none is given.
 pub const DEFAULT_BUDGET: u32 = 384;
+
+/// Whether sliding-window layers keep their newest D tokens when not told.
+pub const DEFAULT_SWA_RECENT: bool = true;
+
+/// The two-tier cache's centering when none is given.
+pub const DEFAULT_CENTERING: Centering = Centering { k: true, v: false };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("unknown KV cache configuration '{name}': {why}")]
@@ -42,25 +93,36 @@ pub fn cache_type_names() -> Vec<&'static str> {
 }
 
 impl KvConfig {
-    pub const F16: KvConfig = KvConfig { k: KvCacheType::F16, v: KvCacheType::F16, policy: None };
-    pub const Q2: KvConfig = KvConfig { k: KvCacheType::Lq2, v: KvCacheType::Lq2, policy: None };
+    pub const F16: KvConfig =
+        KvConfig { k: KvCacheType::F16, v: KvCacheType::F16, policy: None, center: Centering::NONE, swa_recent: false };
+    pub const Q2: KvConfig =
+        KvConfig { k: KvCacheType::Lq2, v: KvCacheType::Lq2, policy: None, center: Centering::NONE, swa_recent: false };
 
     pub fn new(k: KvCacheType, v: KvCacheType) -> KvConfig {
-        KvConfig { k, v, policy: None }
+        KvConfig { k, v, policy: None, center: Centering::NONE, swa_recent: false }
     }
 
     /// The two-tier cache: lq2 store plus the policy's f16 overlay.
     pub fn two_tier(policy: Policy) -> KvConfig {
-        KvConfig { k: KvCacheType::Lq2, v: KvCacheType::Lq2, policy: Some(policy) }
+        KvConfig {
+            k: KvCacheType::Lq2,
+            v: KvCacheType::Lq2,
+            policy: Some(policy),
+            center: DEFAULT_CENTERING,
+            swa_recent: DEFAULT_SWA_RECENT,
+        }
+    }
+
+    /// The same configuration with K/V centering as given (two-tier caches only).
+    pub fn with_centering(self, center: Centering) -> KvConfig {
+        KvConfig { center: if self.policy.is_some() { center } else { Centering::NONE }, ..self }
     }
 
     /// `logquant:D=384`, `logquant:W=128`, `kivi:D=384`, `streaming:D=384`, or the bare
-    /// name for the default budget.
+    /// name for the default budget; then options (`:center=kv`).
     fn parse_two_tier(text: &str) -> Option<Result<KvConfig, KvConfigError>> {
-        let (kind, param) = match text.split_once(':') {
-            Some((k, p)) => (k.to_ascii_lowercase(), Some(p)),
-            None => (text.to_ascii_lowercase(), None),
-        };
+        let mut parts = text.split(':');
+        let kind = parts.next().unwrap_or_default().to_ascii_lowercase();
         let make: fn(u32) -> Policy = match kind.as_str() {
             "logquant" => Policy::logquant,
             "kivi" => Policy::kivi,
@@ -68,24 +130,61 @@ impl KvConfig {
             _ => return None,
         };
         let err = |why: String| KvConfigError { name: text.to_string(), why };
-        let Some(param) = param else {
-            return Some(Ok(KvConfig::two_tier(make(DEFAULT_BUDGET))));
-        };
-        let (key, value) = match param.split_once('=') {
-            Some((k, v)) => (k.trim().to_ascii_uppercase(), v.trim()),
-            None => return Some(Err(err(format!("write {kind}:D=N (N full-precision tokens)")))),
-        };
-        let Ok(n) = value.parse::<u32>() else {
-            return Some(Err(err(format!("'{value}' is not a token count"))));
-        };
-        if n > MAX_BUDGET {
-            return Some(Err(err(format!("a budget of {n} tokens is above the {MAX_BUDGET} this build allows"))));
+        let mut cfg = KvConfig::two_tier(make(DEFAULT_BUDGET));
+        for param in parts {
+            let Some((key, value)) = param.split_once('=') else {
+                return Some(Err(err(format!(
+                    "write {kind}:D=N (N full-precision tokens), then options such as :center=kv"
+                ))));
+            };
+            let (key, value) = (key.trim().to_ascii_uppercase(), value.trim());
+            if key == "K" || key == "V" {
+                let Some(t) = KvCacheType::from_name(value) else {
+                    return Some(Err(err(format!(
+                        "'{value}' is not a cache type; use one of {}",
+                        cache_type_names().join(", ")
+                    ))));
+                };
+                if key == "K" {
+                    cfg.k = t;
+                } else {
+                    cfg.v = t;
+                }
+                continue;
+            }
+            if key == "SWA" {
+                cfg.swa_recent = match value.to_ascii_lowercase().as_str() {
+                    "recent" => true,
+                    "same" => false,
+                    _ => return Some(Err(err(format!("swa takes recent or same, not '{value}'")))),
+                };
+                continue;
+            }
+            if key == "CENTER" {
+                let Some(c) = Centering::parse(value) else {
+                    return Some(Err(err(format!("center takes kv, k, v or none, not '{value}'"))));
+                };
+                cfg.center = c;
+                continue;
+            }
+            let Ok(n) = value.parse::<u32>() else {
+                return Some(Err(err(format!("'{value}' is not a token count"))));
+            };
+            if n > MAX_BUDGET {
+                return Some(Err(err(format!("a budget of {n} tokens is above the {MAX_BUDGET} this build allows"))));
+            }
+            cfg.policy = Some(match (key.as_str(), kind.as_str()) {
+                ("D", _) => make(n),
+                ("W", "logquant") => Policy::LogQuant { window: n.min(MAX_BUDGET / 3) },
+                _ => {
+                    return Some(Err(err(format!(
+                        "{kind} takes D=N{}, k=TYPE, v=TYPE, center=kv|k|v|none and swa=recent|same",
+                        if kind == "logquant" { " or W=N" } else { "" }
+                    ))))
+                }
+            });
         }
-        Some(match (key.as_str(), kind.as_str()) {
-            ("D", _) => Ok(KvConfig::two_tier(make(n))),
-            ("W", "logquant") => Ok(KvConfig::two_tier(Policy::LogQuant { window: n.min(MAX_BUDGET / 3) })),
-            _ => Err(err(format!("{kind} takes D=N{}", if kind == "logquant" { " or W=N" } else { "" }))),
-        })
+        Some(Ok(cfg))
     }
 
     pub fn parse(text: &str) -> Result<KvConfig, KvConfigError> {
@@ -148,7 +247,20 @@ impl fmt::Display for KvConfig {
                 Policy::Kivi { .. } => write!(f, "kivi:D={}", p.dense_budget()),
                 Policy::Streaming { .. } => write!(f, "streaming:D={}", p.dense_budget()),
                 Policy::Q2 => write!(f, "q2:D=0"),
+            }?;
+            if self.k != KvCacheType::Lq2 {
+                write!(f, ":k={}", self.k.name())?;
             }
+            if self.v != KvCacheType::Lq2 {
+                write!(f, ":v={}", self.v.name())?;
+            }
+            if self.center != DEFAULT_CENTERING {
+                write!(f, ":center={}", self.center.name())?;
+            }
+            if self.swa_recent != DEFAULT_SWA_RECENT {
+                write!(f, ":swa={}", if self.swa_recent { "recent" } else { "same" })?;
+            }
+            Ok(())
         } else if *self == KvConfig::Q2 {
             write!(f, "q2")
         } else if self.k == self.v {
@@ -213,11 +325,43 @@ mod tests {
             KvConfig::parse("streaming:d=128").unwrap().policy,
             Some(Policy::Streaming { sinks: 4, window: 124 })
         );
-        for name in ["logquant:D=384", "kivi:D=384", "streaming:D=384", "logquant:D=0"] {
+        for name in [
+            "logquant:D=384",
+            "kivi:D=384",
+            "streaming:D=384",
+            "logquant:D=0",
+            "kivi:D=8:center=none",
+            "logquant:D=384:center=kv",
+            "streaming:D=64:swa=same",
+        ] {
             assert_eq!(KvConfig::parse(name).unwrap().to_string(), name);
         }
         assert_ne!(KvConfig::parse("logquant:D=0").unwrap(), KvConfig::Q2);
         assert_eq!(lq.bits_with_overlay(512.0, 16384.0), 3.0);
+    }
+
+    #[test]
+    fn two_tier_options() {
+        let c = KvConfig::parse("logquant:D=128:k=q4_0:center=k").unwrap();
+        assert_eq!(c.policy, Some(Policy::LogQuant { window: 42 }));
+        assert_eq!((c.k, c.v), (KvCacheType::Q4_0, KvCacheType::Lq2));
+        assert_eq!(c.center, Centering { k: true, v: false });
+        assert_eq!(c.to_string(), "logquant:D=126:k=q4_0"); // center=k is the default
+        assert_eq!(KvConfig::parse(&c.to_string()).unwrap(), c);
+        assert_eq!(c.bits_per_value(), 3.5);
+        // options without a budget keep the default one
+        let d = KvConfig::parse("kivi:center=kv:v=q8_0").unwrap();
+        assert_eq!(d.policy, Some(Policy::Kivi { recent: DEFAULT_BUDGET }));
+        assert_eq!((d.v, d.center), (KvCacheType::Q8_0, Centering { k: true, v: true }));
+        assert_eq!(KvConfig::parse("streaming:center=none").unwrap().center, Centering::NONE);
+        for bad in ["logquant:center=x", "logquant:k=q3_0", "logquant:D=5:center", "kivi:W=3:center=k"] {
+            assert!(KvConfig::parse(bad).is_err(), "{bad}");
+        }
+        // single-tier caches are never centered
+        assert_eq!(
+            KvConfig::parse("q4_0").unwrap().with_centering(Centering { k: true, v: true }).center,
+            Centering::NONE
+        );
     }
 
     #[test]

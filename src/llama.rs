@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 
 use crate::gguf::KvCacheType;
+use crate::kvconfig::Centering;
 use crate::sys::ffi;
 
 /// A token id of the model's vocabulary.
@@ -543,20 +544,40 @@ impl<'m> Context<'m> {
         Ok(())
     }
 
-    /// Adds LogQuant's f16 overlay of `n_slots` tokens per KV stream (logquant.h).
-    /// Only on a fresh context with flash attention on.
-    pub fn enable_overlay(&mut self, n_slots: u32) -> Result<(), LlamaError> {
-        overlay_result(unsafe { ffi::logquant_overlay_enable(self.ptr.as_ptr(), n_slots) }.into()).map(|_| ())
+    /// Adds LogQuant's f16 overlay of `n_slots` tokens per KV stream (logquant.h), with
+    /// K and/or V centered per stream as `center` says. Only on a fresh context with
+    /// flash attention on.
+    pub fn enable_overlay(&mut self, n_slots: u32, center: Centering) -> Result<(), LlamaError> {
+        let flags =
+            if center.k { ffi::LOGQUANT_CENTER_K } else { 0 } | if center.v { ffi::LOGQUANT_CENTER_V } else { 0 };
+        overlay_result(unsafe { ffi::logquant_overlay_enable_flags(self.ptr.as_ptr(), n_slots, flags) }.into())
+            .map(|_| ())
     }
 
     /// Keeps only `positions` (ascending) of `seq` at full precision; demotes the rest.
     pub fn set_full_precision(&mut self, seq: i32, positions: &[i32]) -> Result<(), LlamaError> {
+        self.set_full_precision_in(seq, positions, CacheLayers::All)
+    }
+
+    /// The same in the caches of `layers` only (a model without sliding-window layers
+    /// has only the global cache).
+    pub fn set_full_precision_in(
+        &mut self,
+        seq: i32,
+        positions: &[i32],
+        layers: CacheLayers,
+    ) -> Result<(), LlamaError> {
         self.check_seq(seq)?;
         if !positions.windows(2).all(|w| w[0] < w[1]) {
             return Err(LlamaError::InvalidArgument("full-precision positions must be strictly ascending".into()));
         }
+        let layers = match layers {
+            CacheLayers::All => ffi::LOGQUANT_LAYERS_ALL,
+            CacheLayers::Global => ffi::LOGQUANT_LAYERS_GLOBAL,
+            CacheLayers::SlidingWindow => ffi::LOGQUANT_LAYERS_SWA,
+        };
         let rc = unsafe {
-            ffi::logquant_seq_set_full_precision(self.ptr.as_ptr(), seq, positions.as_ptr(), positions.len())
+            ffi::logquant_seq_set_full_precision_in(self.ptr.as_ptr(), seq, positions.as_ptr(), positions.len(), layers)
         };
         overlay_result(rc.into()).map(|_| ())
     }
@@ -617,6 +638,15 @@ impl<'m> Context<'m> {
             compute_device: m.compute_device,
         }
     }
+}
+
+/// Which KV caches of a context a call addresses: a model with sliding-window layers
+/// has one for its global layers and one for those.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheLayers {
+    All,
+    Global,
+    SlidingWindow,
 }
 
 /// The state of LogQuant's overlay in one context (all caches and streams).

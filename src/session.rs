@@ -15,7 +15,7 @@
 
 use std::ops::{Deref, DerefMut};
 
-use crate::llama::{Batch, Context, LlamaError, OverlayStats};
+use crate::llama::{Batch, CacheLayers, Context, LlamaError, OverlayStats};
 use crate::retention::{Policy, Pos, Retention};
 
 pub struct Session<'m> {
@@ -24,21 +24,25 @@ pub struct Session<'m> {
     retention: Option<Vec<Retention>>,
     /// The most tokens of one sequence per decode call.
     max_per_seq: u32,
+    /// Sliding-window layers keep each sequence's newest D tokens (KvConfig::swa_recent).
+    swa_recent: bool,
 }
 
 impl<'m> Session<'m> {
     /// A single-tier context: llama.cpp's cache types, or q2.
     pub fn plain(ctx: Context<'m>) -> Session<'m> {
         let max_per_seq = ctx.n_batch();
-        Session { ctx, retention: None, max_per_seq }
+        Session { ctx, retention: None, max_per_seq, swa_recent: false }
     }
 
     /// A context whose overlay is already enabled, run by `policy` on each sequence,
     /// taking at most `max_per_seq` tokens of one sequence per decode call (the overlay
     /// holds the budget plus that many).
-    pub fn two_tier(ctx: Context<'m>, policy: Policy, max_per_seq: u32) -> Session<'m> {
+    /// With `swa_recent`, the cache of sliding-window layers keeps the newest D tokens
+    /// of each sequence instead (where the model has such layers).
+    pub fn two_tier(ctx: Context<'m>, policy: Policy, max_per_seq: u32, swa_recent: bool) -> Session<'m> {
         let n = ctx.n_seq_max() as usize;
-        Session { ctx, retention: Some(vec![Retention::new(policy); n]), max_per_seq }
+        Session { ctx, retention: Some(vec![Retention::new(policy); n]), max_per_seq, swa_recent }
     }
 
     /// The most tokens of one sequence a decode call may carry: feed prompts in chunks
@@ -96,7 +100,16 @@ impl<'m> Session<'m> {
         }
         for (seq, r) in ret.iter().enumerate().filter(|(s, _)| touched[*s]) {
             let kept: Vec<i32> = r.full_precision().into_iter().map(|p| p as i32).collect();
-            self.ctx.set_full_precision(seq as i32, &kept)?;
+            if self.swa_recent {
+                // A layer that sees only a window of recent tokens gains nothing from
+                // older ones: there the same slots hold the newest D.
+                self.ctx.set_full_precision_in(seq as i32, &kept, CacheLayers::Global)?;
+                let d = r.policy().dense_budget();
+                let newest: Vec<i32> = (r.len().saturating_sub(d)..r.len()).map(|p| p as i32).collect();
+                self.ctx.set_full_precision_in(seq as i32, &newest, CacheLayers::SlidingWindow)?;
+            } else {
+                self.ctx.set_full_precision(seq as i32, &kept)?;
+            }
         }
         Ok(())
     }

@@ -61,11 +61,11 @@ fn the_two_tier_cache_on_the_real_model() {
     let loaded = engine::load_model(&path, &ModelParams::default()).unwrap();
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let tokens = loaded.model.tokenize(&text, true).unwrap()[..640].to_vec();
-    let kv = KvConfig::parse_list("q2,logquant:D=0,logquant:D=800,logquant:D=128").unwrap();
+    let kv = KvConfig::parse_list("q2,logquant:D=0:center=none,logquant:D=800:center=none,logquant:D=128").unwrap();
     let opts = EvalOptions { tokens: tokens.len(), step: 16, context: ContextConfig::new(0) };
     let r = eval::evaluate(&loaded, &tokens, &kv, &opts, &mut Progress::hidden()).unwrap();
     let [q2, w0, all, lq] = &r.rows[..] else { panic!("four rows") };
-    assert_eq!((q2.mean_kld, q2.perplexity), (w0.mean_kld, w0.perplexity), "D = 0 must be q2");
+    assert_eq!((q2.mean_kld, q2.perplexity), (w0.mean_kld, w0.perplexity), "D = 0 (uncentered) must be q2");
     // 640 tokens, all kept. What separates it from the f16 cache is llama.cpp's Hadamard
     // rotation (on for quantized caches): it mixes Gemma's outlier channels into every
     // channel before the f16 rounding. Measured: KLD 0.0067 (q8_0: 0.0080); exactly 0
@@ -86,6 +86,10 @@ fn the_two_tier_cache_on_the_real_model() {
         ctx.decode(&batch).unwrap();
         let want: Vec<i32> = ctx.retention(0).unwrap().full_precision().into_iter().map(|p| p as i32).collect();
         assert_eq!(ctx.full_precision(0).unwrap(), want);
-        assert_eq!(ctx.overlay().unwrap().misses, 0);
+        let stats = ctx.overlay().unwrap();
+        assert_eq!(stats.misses, 0);
+        // swa=recent (the default): the sliding-window layers' cache holds the newest 48
+        let newest = ((c + 1) * 64).min(48);
+        assert_eq!(stats.slots_used as usize, want.len() + newest, "after {} tokens", (c + 1) * 64);
     }
 }

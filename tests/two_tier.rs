@@ -10,7 +10,7 @@ use common::{assert_clean_failure, logquant, Rng};
 use logquant::engine::{self, ContextConfig, LoadedModel};
 use logquant::eval;
 use logquant::gguf::{f16_bits_to_f32, f32_to_f16_bits};
-use logquant::kvconfig::KvConfig;
+use logquant::kvconfig::{Centering, KvConfig};
 use logquant::llama::two_tier_kernel::{self, Case};
 use logquant::llama::{lq2_kernels, Batch, ModelParams};
 use logquant::lq2;
@@ -259,7 +259,7 @@ fn with_no_slot_the_two_tier_path_is_q2_bit_for_bit() {
     let model = tiny();
     let tokens = some_tokens(160, model.model.n_vocab());
     let q2 = logits_by_step(&mut context(&model, "q2", 256, 1, 16), &tokens, 16);
-    let w0 = logits_by_step(&mut context(&model, "logquant:D=0", 256, 1, 16), &tokens, 16);
+    let w0 = logits_by_step(&mut context(&model, "logquant:D=0:center=none", 256, 1, 16), &tokens, 16);
     assert_eq!(q2.len(), w0.len());
     for (p, (a, b)) in q2.iter().zip(&w0).enumerate() {
         assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "position {p}");
@@ -275,9 +275,16 @@ fn keeping_every_token_matches_f16_within_rounding() {
     let model = tiny();
     let tokens = some_tokens(200, model.model.n_vocab());
     let f16 = logits_by_step(&mut context(&model, "f16", 256, 1, 16), &tokens, 16);
-    let all = logits_by_step(&mut context(&model, "logquant:D=600", 256, 1, 16), &tokens, 16);
+    let all = logits_by_step(&mut context(&model, "logquant:D=600:center=none", 256, 1, 16), &tokens, 16);
     let kld = max_kld(&f16, &all);
     assert!(kld < 1e-4, "max KLD {kld}");
+    // Centered (offsets frozen after the first 16 tokens, those rewritten centered in
+    // both tiers, the V offset added back): the same attention in exact arithmetic.
+    for kv in ["logquant:D=600:center=kv", "logquant:D=600:center=k", "logquant:D=600:center=v"] {
+        let centered = logits_by_step(&mut context(&model, kv, 256, 1, 16), &tokens, 16);
+        let kld = max_kld(&f16, &centered);
+        assert!(kld < 1e-4, "{kv}: max KLD {kld}");
+    }
     let q8 = logits_by_step(&mut context(&model, "q8_0", 256, 1, 16), &tokens, 16);
     assert!(max_kld(&f16, &q8) > kld, "q8_0 should be further from f16 than the all-f16 overlay");
 }
@@ -315,16 +322,21 @@ fn two_sequences_decoded_together_equal_each_decoded_alone() {
     let n_vocab = model.model.n_vocab();
     let a = some_tokens(96, n_vocab);
     let b: Vec<i32> = some_tokens(96 + 7, n_vocab)[7..].to_vec();
-    let kv = "logquant:D=24";
-    let alone_a = logits_by_step(&mut context(&model, kv, 256, 1, 8), &a, 8);
-    let alone_b = logits_by_step(&mut context(&model, kv, 256, 1, 8), &b, 8);
+    for kv in ["logquant:D=24", "logquant:D=24:center=kv"] {
+        two_sequences_together_and_alone(&model, kv, &a, &b);
+    }
+}
 
-    let mut both = context(&model, kv, 512, 2, 16);
+fn two_sequences_together_and_alone(model: &LoadedModel, kv: &str, a: &[i32], b: &[i32]) {
+    let alone_a = logits_by_step(&mut context(model, kv, 256, 1, 8), a, 8);
+    let alone_b = logits_by_step(&mut context(model, kv, 256, 1, 8), b, 8);
+
+    let mut both = context(model, kv, 512, 2, 16);
     let mut batch = Batch::new(16).unwrap();
     let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
     for start in (0..96).step_by(8) {
         batch.clear();
-        for (seq, toks) in [(0, &a), (1, &b)] {
+        for (seq, toks) in [(0, a), (1, b)] {
             for (p, &t) in toks.iter().enumerate().skip(start).take(8) {
                 batch.add(t, p as i32, seq, true).unwrap();
             }
@@ -340,8 +352,8 @@ fn two_sequences_decoded_together_equal_each_decoded_alone() {
     assert_eq!(both.retention(0).unwrap().len(), 96);
     // ... and the same logits as alone, up to the matrix products' rounding for a
     // batch of 16 rows instead of 8 (the attention itself is per row).
-    assert!(max_kld(&alone_a, &got_a) < 1e-9, "sequence 0: {}", max_kld(&alone_a, &got_a));
-    assert!(max_kld(&alone_b, &got_b) < 1e-9, "sequence 1: {}", max_kld(&alone_b, &got_b));
+    assert!(max_kld(&alone_a, &got_a) < 1e-9, "{kv}, sequence 0: {}", max_kld(&alone_a, &got_a));
+    assert!(max_kld(&alone_b, &got_b) < 1e-9, "{kv}, sequence 1: {}", max_kld(&alone_b, &got_b));
 }
 
 #[test]
@@ -386,7 +398,13 @@ fn rollback_and_copy_keep_policy_and_cache_in_step() {
 #[test]
 fn the_kv_bytes_llama_allocates_match_the_prediction_with_the_overlay() {
     let model = tiny();
-    for (kv, n_seq) in [("logquant:D=384", 1), ("kivi:D=100", 3), ("logquant:D=0", 2)] {
+    for (kv, n_seq) in [
+        ("logquant:D=384", 1),
+        ("kivi:D=100", 3),
+        ("logquant:D=0", 2),
+        ("logquant:D=64:center=k", 3),
+        ("logquant:D=64:k=q4_0", 1),
+    ] {
         let mut cfg = ContextConfig::new(1024);
         cfg.kv = KvConfig::parse(kv).unwrap();
         cfg.n_seq = n_seq;
@@ -418,12 +436,12 @@ fn the_overlay_is_enabled_once_and_not_over_tokens() {
     let model = tiny();
     let n_vocab = model.model.n_vocab();
     let mut two = context(&model, "logquant:D=16", 256, 1, 8);
-    let e = two.enable_overlay(8).unwrap_err().to_string();
+    let e = two.enable_overlay(8, Centering::NONE).unwrap_err().to_string();
     assert!(e.contains("already enabled"), "{e}");
     // A context that holds tokens is refused.
     let mut plain = context(&model, "q2", 256, 1, 8);
     logits_by_step(&mut plain, &some_tokens(8, n_vocab), 8);
-    let e = plain.enable_overlay(8).unwrap_err().to_string();
+    let e = plain.enable_overlay(8, Centering::NONE).unwrap_err().to_string();
     assert!(e.contains("before the first token is decoded"), "{e}");
 }
 
@@ -457,6 +475,23 @@ fn uneven_sequences_with_every_token_kept_match_f16() {
             out.extend((0..batch.len()).map(|r| ctx.logits(r).unwrap().to_vec()));
         }
     };
-    let kld = max_kld(&run("f16"), &run("logquant:D=600"));
-    assert!(kld < 1e-4, "max KLD {kld}");
+    let f16 = run("f16");
+    for kv in ["logquant:D=600:center=none", "logquant:D=600:center=kv"] {
+        let kld = max_kld(&f16, &run(kv));
+        assert!(kld < 1e-4, "{kv}: max KLD {kld}");
+    }
+}
+
+/// Centering changes what the 2-bit store holds (the tokens before the offsets were
+/// taken are rewritten, later ones stored centered), so a cache with no f16 token at
+/// all gives other logits with it than without.
+#[test]
+fn centering_reaches_the_store() {
+    let model = tiny();
+    let tokens = some_tokens(64, model.model.n_vocab());
+    let plain = logits_by_step(&mut context(&model, "logquant:D=0:center=none", 256, 1, 16), &tokens, 16);
+    let centered = logits_by_step(&mut context(&model, "logquant:D=0:center=k", 256, 1, 16), &tokens, 16);
+    // the first 16 positions ran before the offsets existed
+    assert_eq!(plain[..16], centered[..16]);
+    assert!(max_kld(&plain[16..], &centered[16..]) > 1e-6);
 }

@@ -30,7 +30,7 @@ fn keeping_every_token_is_the_f16_cache_bit_for_bit_without_rotation() {
         cfg.n_ubatch = 16;
         model.new_context(&cfg).unwrap()
     };
-    let (mut f16, mut all) = (make("f16"), make("logquant:D=300"));
+    let (mut f16, mut all) = (make("f16"), make("logquant:D=300:center=none"));
     let mut batch = Batch::new(16).unwrap();
     for start in (0..tokens.len()).step_by(16) {
         batch.clear();
@@ -52,7 +52,7 @@ fn keeping_every_token_is_the_f16_cache_bit_for_bit_without_rotation() {
     let real = engine::load_model(&path, &ModelParams::default()).unwrap();
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let tokens = real.model.tokenize(&text, true).unwrap()[..640].to_vec();
-    let kv = KvConfig::parse_list("logquant:D=800").unwrap();
+    let kv = KvConfig::parse_list("logquant:D=800:center=none").unwrap();
     let opts = eval::EvalOptions { tokens: tokens.len(), step: 16, context: ContextConfig::new(0) };
     let r = eval::evaluate(&real, &tokens, &kv, &opts, &mut Progress::hidden()).unwrap();
     assert_eq!((r.rows[0].mean_kld, r.rows[0].top1_agreement), (0.0, 100.0));

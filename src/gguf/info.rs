@@ -604,8 +604,9 @@ impl ModelInfo {
 
     /// Bytes of LogQuant's f16 overlay with `slots` per stream (logquant-overlay.cpp):
     /// per layer that owns a cache, `min(slots, cells)` rows (at least one) of f16 K
-    /// and V per stream, where `cells` is that layer's cache size.
-    pub fn overlay_bytes(&self, params: &KvCacheParams, slots: u32) -> Result<u64, GgufError> {
+    /// and V per stream, where `cells` is that layer's cache size; with centering, one
+    /// f32 row of K offsets and one of V offsets per stream too.
+    pub fn overlay_bytes(&self, params: &KvCacheParams, slots: u32, centered: bool) -> Result<u64, GgufError> {
         let cells = self.kv_cells(params)?;
         let mut total: u128 = 0;
         for il in 0..self.n_layer as usize {
@@ -614,7 +615,8 @@ impl ModelInfo {
             }
             let n_cells = if self.is_swa(il) { cells.cells_swa } else { cells.cells };
             let rows = u128::from(slots.min(n_cells).max(1)) * u128::from(cells.n_stream);
-            total += rows * 2 * (u128::from(self.n_embd_k_gqa(il)) + u128::from(self.n_embd_v_gqa(il)));
+            let offsets = if centered { u128::from(cells.n_stream) * 4 } else { 0 };
+            total += (rows * 2 + offsets) * (u128::from(self.n_embd_k_gqa(il)) + u128::from(self.n_embd_v_gqa(il)));
         }
         Ok(u64::try_from(total).unwrap_or(u64::MAX))
     }

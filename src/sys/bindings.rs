@@ -42,6 +42,12 @@ pub const LOGQUANT_ERR_ARGUMENT: i32 = -1;
 pub const LOGQUANT_ERR_UNSUPPORTED: i32 = -2;
 pub const LOGQUANT_ERR_STATE: i32 = -3;
 pub const LOGQUANT_ERR_MEMORY: i32 = -4;
+pub const LOGQUANT_CENTER_K: u32 = 1;
+pub const LOGQUANT_CENTER_V: u32 = 2;
+pub const LOGQUANT_CENTER_TOKENS: u32 = 16;
+pub const LOGQUANT_LAYERS_GLOBAL: u32 = 1;
+pub const LOGQUANT_LAYERS_SWA: u32 = 2;
+pub const LOGQUANT_LAYERS_ALL: u32 = 3;
 pub type __off_t = ::core::ffi::c_long;
 pub type __off64_t = ::core::ffi::c_long;
 pub type FILE = _IO_FILE;
@@ -1418,11 +1424,19 @@ unsafe extern "C" {
     pub fn logquant_lq2_dot(blocks: *const ::core::ffi::c_void, y: *const f32, n: i64, out: *mut f32) -> bool;
     pub fn logquant_last_error() -> *const ::core::ffi::c_char;
     pub fn logquant_overlay_enable(ctx: *mut llama_context, n_slots: u32) -> i32;
+    pub fn logquant_overlay_enable_flags(ctx: *mut llama_context, n_slots: u32, flags: u32) -> i32;
     pub fn logquant_seq_set_full_precision(
         ctx: *mut llama_context,
         seq: llama_seq_id,
         pos: *const llama_pos,
         n: usize,
+    ) -> i32;
+    pub fn logquant_seq_set_full_precision_in(
+        ctx: *mut llama_context,
+        seq: llama_seq_id,
+        pos: *const llama_pos,
+        n: usize,
+        layers: u32,
     ) -> i32;
     pub fn logquant_seq_full_precision(
         ctx: *mut llama_context,

@@ -93,11 +93,43 @@ LLAMA_API const char * logquant_last_error(void);
 // attention kernel. Returns 0 on success.
 LLAMA_API int32_t logquant_overlay_enable(struct llama_context * ctx, uint32_t n_slots);
 
+// Centering (flags of logquant_overlay_enable_flags). Per KV stream, layer and channel,
+// an offset of K (of V) is taken from the stream's first tokens and frozen: their mean,
+// leaving out position 0 (often an attention sink far from the rest), over the at least
+// LOGQUANT_CENTER_TOKENS tokens the stream holds after the decode that reaches that many
+// (logquant_seq_set_full_precision takes it, from the overlay's f16 copies, before it
+// demotes anything). From then on every token is stored minus the offset, in both tiers
+// (the tokens before, rewritten so). Attention is unchanged in exact arithmetic: a
+// constant added to every key adds one constant to each query's scores, which the
+// softmax ignores, and the weights sum to 1, so the offset of V is added back to the
+// output. What changes is the quantization: a channel whose values sit far from zero
+// (Qwen2's key biases) no longer stretches its group's range. A stream that empties and
+// takes new tokens takes new offsets. Offsets are in the basis the cache stores (after
+// llama.cpp's Hadamard rotation, where that is on). Not kept across llama_state_* and
+// position shifts (their tokens would be read as if centered by the stream's offsets).
+#define LOGQUANT_CENTER_K      (1u << 0)
+#define LOGQUANT_CENTER_V      (1u << 1)
+#define LOGQUANT_CENTER_TOKENS 16
+
+// logquant_overlay_enable with options: flags is 0 or LOGQUANT_CENTER_* ORed.
+LLAMA_API int32_t logquant_overlay_enable_flags(struct llama_context * ctx, uint32_t n_slots, uint32_t flags);
+
 // Keeps at full precision only the tokens of seq at the listed positions (sorted
 // ascending; may be empty); every other overlaid token of seq is demoted. A position
 // already demoted cannot come back. Applies to every cache of the context. Returns 0.
 LLAMA_API int32_t logquant_seq_set_full_precision(struct llama_context * ctx, llama_seq_id seq,
                                                   const llama_pos * pos, size_t n);
+
+// The same for some caches only: `layers` is LOGQUANT_LAYERS_GLOBAL (the cache of the
+// global-attention layers, or the only cache), LOGQUANT_LAYERS_SWA (the cache of the
+// sliding-window layers, where the model has one; otherwise nothing is done) or both
+// (LOGQUANT_LAYERS_ALL, as logquant_seq_set_full_precision). So a caller can keep other
+// positions in the layers that see only a window of recent tokens.
+#define LOGQUANT_LAYERS_GLOBAL (1u << 0)
+#define LOGQUANT_LAYERS_SWA    (1u << 1)
+#define LOGQUANT_LAYERS_ALL    (LOGQUANT_LAYERS_GLOBAL | LOGQUANT_LAYERS_SWA)
+LLAMA_API int32_t logquant_seq_set_full_precision_in(struct llama_context * ctx, llama_seq_id seq,
+                                                     const llama_pos * pos, size_t n, uint32_t layers);
 
 // Writes up to cap positions of seq that are held at full precision (in the cache of
 // the global-attention layers), ascending, to out; returns how many there are (which

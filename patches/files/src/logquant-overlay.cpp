@@ -61,8 +61,9 @@ static bool attn_runs_on(ggml_backend_dev_t dev, int64_t D, int64_t n_head_kv) {
     return ok;
 }
 
-logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots)
-    : kv(kv), n_slots(std::min(n_slots, kv.get_size())), n_cells(kv.get_size()), n_stream(kv.n_stream) {
+logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32_t flags)
+    : kv(kv), n_slots(std::min(n_slots, kv.get_size())), n_cells(kv.get_size()), n_stream(kv.n_stream),
+      center_k((flags & LOGQUANT_CENTER_K) != 0), center_v((flags & LOGQUANT_CENTER_V) != 0) {
     if (kv.other != nullptr) {
         throw std::runtime_error("this model shares KV cells between caches, which the overlay does not support");
     }
@@ -88,6 +89,11 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots)
         if (!ggml_backend_buffer_is_host(layer.k->buffer)) {
             // what the CUDA kernel runs (logquant_cuda_supports_op); elsewhere the
             // scheduler would copy the whole cache to the CPU every step
+            if (layer.k->type != GGML_TYPE_LQ2 || layer.v->type != GGML_TYPE_LQ2) {
+                throw std::runtime_error(std::string("the CUDA two-tier kernel reads an lq2 store, not ") +
+                                         ggml_type_name(layer.k->type) + "/" + ggml_type_name(layer.v->type) +
+                                         ": keep the cache on the CPU (--ngl 0)");
+            }
             const uint32_t dk = kv.hparams.n_embd_head_k(layer.il);
             const uint32_t dv = kv.hparams.n_embd_head_v(layer.il);
             if (dk != dv || (dk != 64 && dk != 128 && dk != 256)) {
@@ -104,7 +110,7 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots)
         auto it = ctx_for.find(buft);
         if (it == ctx_for.end()) {
             ggml_init_params params = {
-                /*.mem_size   =*/ size_t(2u*kv.layers.size()*(1 + n_stream))*ggml_tensor_overhead(),
+                /*.mem_size   =*/ size_t(4u*kv.layers.size()*(1 + n_stream))*ggml_tensor_overhead(),
                 /*.mem_buffer =*/ nullptr,
                 /*.no_alloc   =*/ true,
             };
@@ -121,6 +127,15 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots)
         ggml_format_name(v, "logquant_overlay_v_l%d", layer.il);
         k_ov.push_back(k);
         v_ov.push_back(v);
+        if (center_k || center_v) {
+            // both, whichever is centered: a few KiB, and one layout for the graph
+            ggml_tensor * ko = ggml_new_tensor_2d(it->second, GGML_TYPE_F32, layer.k->ne[0], n_stream);
+            ggml_tensor * vo = ggml_new_tensor_2d(it->second, GGML_TYPE_F32, layer.v->ne[0], n_stream);
+            ggml_format_name(ko, "logquant_offset_k_l%d", layer.il);
+            ggml_format_name(vo, "logquant_offset_v_l%d", layer.il);
+            k_off.push_back(ko);
+            v_off.push_back(vo);
+        }
     }
     for (auto & [buft, ctx] : ctx_for) {
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
@@ -141,6 +156,7 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots)
             fs.push_back(s);
         }
     }
+    frozen.assign(n_stream, 0);
     state.n_slots      = int32_t(this->n_slots);
     state.n_cells      = int32_t(n_cells);
     state.slot_to_cell = slot_to_cell.data();
@@ -179,6 +195,9 @@ void logquant_overlay::on_ubatch(const llama_kv_cache::slot_info & sinfo, const 
     token_row.assign(ubatch.n_tokens, -1);
     for (uint32_t s = 0; s < sinfo.n_stream(); ++s) {
         const uint32_t strm = sinfo.strm[s];
+        if (frozen[strm] && kv.v_cells[strm].get_used() == sinfo.size()) {
+            reset_offsets(strm); // the stream held nothing before this micro-batch
+        }
         for (uint32_t ii = 0; ii < sinfo.size(); ++ii) {
             const uint32_t i    = s*sinfo.size() + ii;
             const uint32_t cell = sinfo.idxs[s][ii];
@@ -206,16 +225,25 @@ void logquant_overlay::copy_maps(uint32_t ssrc, uint32_t sdst) {
     std::copy_n(slot_to_cell.begin() + size_t(ssrc)*n_slots, n_slots, slot_to_cell.begin() + size_t(sdst)*n_slots);
     std::copy_n(cell_to_slot.begin() + size_t(ssrc)*n_cells, n_cells, cell_to_slot.begin() + size_t(sdst)*n_cells);
     free_slots[sdst] = free_slots[ssrc];
+    frozen[sdst]     = frozen[ssrc];
+}
+
+// Copies rows [ssrc*n, ssrc*n + n) of t over rows [sdst*n, ...).
+static void copy_rows(ggml_tensor * t, uint32_t ssrc, uint32_t sdst, uint32_t n_rows) {
+    const size_t n = t->nb[1]*n_rows;
+    std::vector<uint8_t> tmp(n);
+    ggml_backend_tensor_get(t, tmp.data(), n*ssrc, n);
+    ggml_backend_tensor_set(t, tmp.data(), n*sdst, n);
 }
 
 void logquant_overlay::copy_stream(uint32_t ssrc, uint32_t sdst) {
     for (size_t il = 0; il < k_ov.size() && n_slots > 0; ++il) {
-        for (ggml_tensor * t : { k_ov[il], v_ov[il] }) {
-            const size_t n = t->nb[1]*n_slots;
-            std::vector<uint8_t> tmp(n);
-            ggml_backend_tensor_get(t, tmp.data(), n*ssrc, n);
-            ggml_backend_tensor_set(t, tmp.data(), n*sdst, n);
-        }
+        copy_rows(k_ov[il], ssrc, sdst, n_slots);
+        copy_rows(v_ov[il], ssrc, sdst, n_slots);
+    }
+    for (size_t il = 0; il < k_off.size(); ++il) {
+        copy_rows(k_off[il], ssrc, sdst, 1);
+        copy_rows(v_off[il], ssrc, sdst, 1);
     }
 }
 
@@ -248,6 +276,9 @@ void logquant_overlay::set_full_precision(llama_seq_id seq, const llama_pos * po
     const uint32_t strm  = kv.seq_to_stream[seq];
     sweep(strm); // this stream only: called for every sequence after every decode
     const auto &   cells = kv.v_cells[strm];
+    if ((center_k || center_v) && !frozen[strm] && cells.get_used() >= LOGQUANT_CENTER_TOKENS) {
+        freeze_offsets(strm, seq); // before any demotion: every token is still in the overlay
+    }
     for (uint32_t slot = 0; slot < n_slots; ++slot) {
         const int32_t c = slot_to_cell[size_t(strm)*n_slots + slot];
         if (c >= 0 && cells.seq_has(c, seq) && !std::binary_search(pos, pos + n, cells.pos_get(c))) {
@@ -271,6 +302,103 @@ std::vector<llama_pos> logquant_overlay::full_precision(llama_seq_id seq) {
     return res;
 }
 
+void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
+    const auto & cells = kv.v_cells[strm];
+    std::vector<uint32_t> held; // the stream's cells, in cell order
+    bool past_first = false;    // some token after position 0
+    for (uint32_t c = 0; c < n_cells; ++c) {
+        if (!cells.is_empty(c) && cells.seq_has(c, seq)) {
+            held.push_back(c);
+            past_first = past_first || cells.pos_get(c) > 0;
+        }
+    }
+    if (held.empty()) {
+        return;
+    }
+    const uint32_t c0 = held.front(), n_range = held.back() - c0 + 1;
+    const uint32_t rows = std::max<uint32_t>(n_slots, 1);
+
+    for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
+        const auto & layer = kv.layers[ikv];
+        for (int which = 0; which < 2; ++which) {
+            if (!(which == 0 ? center_k : center_v)) {
+                continue;
+            }
+            ggml_tensor * store = which == 0 ? layer.k : layer.v;
+            ggml_tensor * ov    = which == 0 ? k_ov[ikv] : v_ov[ikv];
+            ggml_tensor * off   = which == 0 ? k_off[ikv] : v_off[ikv];
+            const int64_t n_embd = store->ne[0];
+            const auto * traits  = ggml_get_type_traits(store->type);
+            const auto * cpu     = ggml_get_type_traits_cpu(store->type);
+            GGML_ASSERT(traits->to_float != nullptr && cpu->from_float != nullptr);
+
+            // the held tokens' values: the f16 copy where the overlay has one, else the store's
+            const size_t store_base = size_t(strm)*store->nb[2] + size_t(c0)*store->nb[1];
+            std::vector<uint8_t>     store_rows(size_t(n_range)*store->nb[1]);
+            std::vector<ggml_fp16_t> ov_rows(size_t(n_slots)*n_embd);
+            ggml_backend_tensor_get(store, store_rows.data(), store_base, store_rows.size());
+            if (n_slots > 0) {
+                ggml_backend_tensor_get(ov, ov_rows.data(), size_t(strm)*rows*ov->nb[1], ov_rows.size()*sizeof(ggml_fp16_t));
+            }
+            std::vector<float> x(held.size()*n_embd);
+            for (size_t i = 0; i < held.size(); ++i) {
+                float * xi = x.data() + i*n_embd;
+                const int32_t slot = cell_to_slot[size_t(strm)*n_cells + held[i]];
+                if (slot >= 0) {
+                    ggml_fp16_to_fp32_row(ov_rows.data() + size_t(slot)*n_embd, xi, n_embd);
+                } else {
+                    traits->to_float(store_rows.data() + size_t(held[i] - c0)*store->nb[1], xi, n_embd);
+                }
+            }
+            // the offset: each channel's mean over the tokens after position 0, whose
+            // values are often far from the others' (an attention sink)
+            std::vector<double> sum(n_embd, 0.0);
+            size_t n_mean = 0;
+            for (size_t i = 0; i < held.size(); ++i) {
+                if (past_first && cells.pos_get(held[i]) == 0) {
+                    continue;
+                }
+                for (int64_t j = 0; j < n_embd; ++j) {
+                    sum[j] += x[i*n_embd + j];
+                }
+                n_mean++;
+            }
+            std::vector<float> mean(n_embd);
+            for (int64_t j = 0; j < n_embd; ++j) {
+                mean[j] = float(sum[j]/double(n_mean));
+            }
+            // both tiers of the held tokens, rewritten as centered values
+            for (size_t i = 0; i < held.size(); ++i) {
+                float * xi = x.data() + i*n_embd;
+                for (int64_t j = 0; j < n_embd; ++j) {
+                    xi[j] -= mean[j];
+                }
+                cpu->from_float(xi, store_rows.data() + size_t(held[i] - c0)*store->nb[1], n_embd);
+                const int32_t slot = cell_to_slot[size_t(strm)*n_cells + held[i]];
+                if (slot >= 0) {
+                    ggml_fp32_to_fp16_row(xi, ov_rows.data() + size_t(slot)*n_embd, n_embd);
+                }
+            }
+            ggml_backend_tensor_set(store, store_rows.data(), store_base, store_rows.size());
+            if (n_slots > 0) {
+                ggml_backend_tensor_set(ov, ov_rows.data(), size_t(strm)*rows*ov->nb[1], ov_rows.size()*sizeof(ggml_fp16_t));
+            }
+            ggml_backend_tensor_set(off, mean.data(), size_t(strm)*off->nb[1], mean.size()*sizeof(float));
+        }
+    }
+    frozen[strm] = 1;
+}
+
+void logquant_overlay::reset_offsets(uint32_t strm) {
+    for (size_t ikv = 0; ikv < k_off.size(); ++ikv) {
+        for (ggml_tensor * off : { k_off[ikv], v_off[ikv] }) {
+            const std::vector<float> zero(off->ne[0], 0.0f);
+            ggml_backend_tensor_set(off, zero.data(), size_t(strm)*off->nb[1], zero.size()*sizeof(float));
+        }
+    }
+    frozen[strm] = 0;
+}
+
 uint32_t logquant_overlay::slots_used() {
     sweep();
     uint32_t used = 0;
@@ -286,10 +414,17 @@ struct logquant_overlay::graph_input : llm_graph_input_i {
     graph_input(const logquant_overlay & ov, uint32_t s0, uint32_t n_tokens) : ov(ov), s0(s0), n_tokens(n_tokens) {}
 
     void set_input(const llama_ubatch * ubatch) override {
-        GGML_UNUSED(ubatch);
         ov.fill_slot_input(s2c, s0);
         if (rows != nullptr) {
             ov.fill_row_input(rows);
+        }
+        if (tok_strm != nullptr) {
+            GGML_ASSERT(ubatch->n_tokens == uint32_t(tok_strm->ne[0]));
+            std::vector<int32_t> buf(ubatch->n_tokens);
+            for (uint32_t i = 0; i < ubatch->n_tokens; ++i) {
+                buf[i] = int32_t(ov.kv.seq_to_stream[ubatch->seq_id[i][0]] - s0);
+            }
+            ggml_backend_tensor_set(tok_strm, buf.data(), 0, ggml_nbytes(tok_strm));
         }
     }
 
@@ -304,7 +439,66 @@ struct logquant_overlay::graph_input : llm_graph_input_i {
     const uint32_t n_tokens;
     ggml_tensor * s2c  = nullptr; // [rows, n_stream] I32
     ggml_tensor * rows = nullptr; // [n_tokens] I32, when the graph writes tokens
+    ggml_tensor * tok_strm = nullptr; // [n_tokens] I32: each token's stream - s0, when
+                                      // the graph centers tokens of several streams
 };
+
+logquant_overlay::graph_input * logquant_overlay::input_for(ggml_context * ctx, llm_graph_result * res, int il, int stage,
+                                                            int64_t ns, ggml_tensor * k_cur) {
+    if (inp != nullptr && (il > inp_il || (il == inp_il && stage > inp_stage))) {
+        inp_il    = il;
+        inp_stage = stage;
+        return inp;
+    }
+    const int64_t rows   = std::max<int64_t>(n_slots, 1);
+    const bool    writes = k_cur != nullptr;
+    auto gi = std::make_unique<graph_input>(*this, uint32_t(state.s0), uint32_t(writes ? k_cur->ne[2] : 0));
+    gi->s2c = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, rows, ns);
+    ggml_set_input(gi->s2c);
+    ggml_set_name(gi->s2c, "logquant_slot_to_cell");
+    if (writes) {
+        gi->rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, k_cur->ne[2]);
+        ggml_set_input(gi->rows);
+        ggml_set_name(gi->rows, "logquant_token_row");
+        if ((center_k || center_v) && ns > 1) {
+            gi->tok_strm = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, k_cur->ne[2]);
+            ggml_set_input(gi->tok_strm);
+            ggml_set_name(gi->tok_strm, "logquant_token_stream");
+        }
+    }
+    inp       = gi.get();
+    inp_il    = il;
+    inp_stage = stage;
+    res->add_input(std::move(gi));
+    return inp;
+}
+
+void logquant_overlay::center(ggml_context * ctx, llm_graph_result * res, ggml_tensor * k, ggml_tensor *& k_cur,
+                              ggml_tensor *& v_cur, int il) {
+    if (!(center_k || center_v) || k_cur == nullptr || v_cur == nullptr) {
+        return;
+    }
+    // the micro-batch's streams s0 .. s0 + ns - 1, as the store's view k [D, H, n_kv, ns] has them
+    const int64_t ns  = k->ne[3];
+    const size_t  s0  = k->view_offs/k->nb[3];
+    graph_input * gi  = input_for(ctx, res, il, 0, ns, k_cur);
+    const int32_t ikv = kv.map_layer_ids.at(il);
+    // each token's offsets [D, n_head_kv, n_tokens], or one stream's [D, n_head_kv, 1]
+    auto offsets_of = [&](ggml_tensor * off, ggml_tensor * cur) {
+        const int64_t D = cur->ne[0], H = cur->ne[1];
+        if (gi->tok_strm == nullptr) {
+            return ggml_view_3d(ctx, off, D, H, 1, D*sizeof(float), off->nb[1], s0*off->nb[1]);
+        }
+        ggml_tensor * streams = ggml_view_2d(ctx, off, off->ne[0], ns, off->nb[1], s0*off->nb[1]);
+        return ggml_reshape_3d(ctx, ggml_get_rows(ctx, streams, gi->tok_strm), D, H, cur->ne[2]);
+    };
+    if (center_k) {
+        k_cur = ggml_sub(ctx, k_cur, offsets_of(k_off[ikv], k_cur));
+    }
+    if (center_v) {
+        v_cur = ggml_sub(ctx, v_cur, offsets_of(v_off[ikv], v_cur));
+    }
+}
 
 void logquant_overlay::fill_slot_input(ggml_tensor * s2c, uint32_t s0) const {
     std::vector<int32_t> buf(ggml_nelements(s2c), -1);
@@ -331,6 +525,7 @@ ggml_tensor * logquant_overlay::build_attn(ggml_context * ctx, llm_graph_result 
 
     // the same views as build_attn_mha: q split into streams, then [D, tokens, heads, streams]
     const int64_t ns = k->ne[3];
+    const int64_t s0 = int64_t(k->view_offs/k->nb[3]); // the first of them (state.s0, but also in a reserve graph)
     q = ggml_view_4d(ctx, q, q->ne[0], q->ne[1], q->ne[2]/ns, ns, q->nb[1], q->nb[2], q->nb[2]*(q->ne[2]/ns), 0);
     q = ggml_permute(ctx, q, 0, 2, 1, 3);
     k = ggml_permute(ctx, k, 0, 2, 1, 3);
@@ -338,25 +533,11 @@ ggml_tensor * logquant_overlay::build_attn(ggml_context * ctx, llm_graph_result 
 
     // the overlay rows of the micro-batch's streams, as the K and V views are
     const int64_t rows = std::max<int64_t>(n_slots, 1);
-    const int64_t s0   = state.s0;
     ggml_tensor * k_rows = ggml_view_2d(ctx, k_ov[ikv], k_ov[ikv]->ne[0], rows*ns, k_ov[ikv]->nb[1], s0*rows*k_ov[ikv]->nb[1]);
     ggml_tensor * v_rows = ggml_view_2d(ctx, v_ov[ikv], v_ov[ikv]->ne[0], rows*ns, v_ov[ikv]->nb[1], s0*rows*v_ov[ikv]->nb[1]);
 
     const bool writes = k_cur != nullptr && v_cur != nullptr;
-    if (inp == nullptr || il <= inp_il) {
-        auto gi = std::make_unique<graph_input>(*this, uint32_t(s0), uint32_t(writes ? k_cur->ne[2] : 0));
-        gi->s2c = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, rows, ns);
-        ggml_set_input(gi->s2c);
-        ggml_set_name(gi->s2c, "logquant_slot_to_cell");
-        if (writes) {
-            gi->rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, k_cur->ne[2]);
-            ggml_set_input(gi->rows);
-            ggml_set_name(gi->rows, "logquant_token_row");
-        }
-        inp = gi.get();
-        res->add_input(std::move(gi));
-    }
-    inp_il = il;
+    input_for(ctx, res, il, 1, ns, writes ? k_cur : nullptr);
 
     // The write is an in-place op on the overlay's K rows: its result is a view of the
     // overlay, so the scheduler runs it where the overlay lives (a write on another
@@ -374,7 +555,27 @@ ggml_tensor * logquant_overlay::build_attn(ggml_context * ctx, llm_graph_result 
                                        7, logquant_attn_compute, GGML_N_TASKS_MAX, &lp);
     ggml_format_name(cur, "logquant_attn-%d", il);
 
+    if (center_v) {
+        // attention returned sum p (v - c) over weights summing to 1: add c back, each
+        // KV head's offsets to its query heads [DV, n_head, 1, ns]
+        ggml_tensor * off = v_off[ikv];
+        const int64_t DV = cur->ne[0], n_head = cur->ne[1], H = off->ne[0]/DV;
+        ggml_tensor * c = ggml_view_4d(ctx, off, DV, 1, H, ns, DV*sizeof(float), DV*sizeof(float), off->nb[1],
+                                       size_t(s0)*off->nb[1]);
+        if (n_head != H) {
+            c = ggml_repeat_4d(ctx, c, DV, n_head/H, H, ns);
+        }
+        cur = ggml_add(ctx, cur, ggml_reshape_4d(ctx, ggml_cont(ctx, c), DV, n_head, 1, ns));
+    }
+
     return ggml_reshape_2d(ctx, cur, cur->ne[0]*cur->ne[1], cur->ne[2]*cur->ne[3]);
+}
+
+void logquant_center_kv(ggml_context * ctx, llm_graph_result * res, const llama_kv_cache_context * mctx,
+                        ggml_tensor *& k_cur, ggml_tensor *& v_cur, int il) {
+    if (logquant_overlay * ov = logquant_overlay_of(mctx)) {
+        ov->center(ctx, res, mctx->get_k(ctx, il), k_cur, v_cur, il);
+    }
 }
 
 logquant_overlay * logquant_overlay_of(const llama_kv_cache_context * mctx) {
@@ -419,6 +620,13 @@ static std::vector<llama_kv_cache *> caches_of(const llama_context * ctx) {
 }
 
 int32_t logquant_overlay_enable(struct llama_context * ctx, uint32_t n_slots) {
+    return logquant_overlay_enable_flags(ctx, n_slots, 0);
+}
+
+int32_t logquant_overlay_enable_flags(struct llama_context * ctx, uint32_t n_slots, uint32_t flags) {
+    if ((flags & ~(LOGQUANT_CENTER_K | LOGQUANT_CENTER_V)) != 0) {
+        return fail(LOGQUANT_ERR_ARGUMENT, "unknown overlay flags");
+    }
     if (ctx == nullptr) {
         return fail(LOGQUANT_ERR_ARGUMENT, "no context");
     }
@@ -457,7 +665,7 @@ int32_t logquant_overlay_enable(struct llama_context * ctx, uint32_t n_slots) {
     }
     try {
         for (auto * kv : caches) {
-            kv->lq_overlay = std::make_shared<logquant_overlay>(*kv, n_slots);
+            kv->lq_overlay = std::make_shared<logquant_overlay>(*kv, n_slots, flags);
         }
     } catch (const std::exception & e) {
         for (auto * kv : caches) {
@@ -473,17 +681,25 @@ static bool seq_ok(const llama_context * ctx, llama_seq_id seq) {
 }
 
 int32_t logquant_seq_set_full_precision(struct llama_context * ctx, llama_seq_id seq, const llama_pos * pos, size_t n) {
-    if (!seq_ok(ctx, seq) || (pos == nullptr && n > 0)) {
-        return fail(LOGQUANT_ERR_ARGUMENT, "invalid context, sequence id or position list");
+    return logquant_seq_set_full_precision_in(ctx, seq, pos, n, LOGQUANT_LAYERS_ALL);
+}
+
+int32_t logquant_seq_set_full_precision_in(struct llama_context * ctx, llama_seq_id seq, const llama_pos * pos, size_t n,
+                                           uint32_t layers) {
+    if (!seq_ok(ctx, seq) || (pos == nullptr && n > 0) || (layers & ~LOGQUANT_LAYERS_ALL) != 0) {
+        return fail(LOGQUANT_ERR_ARGUMENT, "invalid context, sequence id, position list or layer selection");
     }
     if (!std::is_sorted(pos, pos + n)) {
         return fail(LOGQUANT_ERR_ARGUMENT, "positions must be sorted ascending");
     }
+    const auto caches = caches_of(ctx);
     bool any = false;
-    for (auto * kv : caches_of(ctx)) {
-        if (kv->lq_overlay) {
+    for (size_t i = 0; i < caches.size(); ++i) {
+        auto * kv = caches[i];
+        // caches_of lists the global (or only) cache first, the sliding-window one second
+        any = any || kv->lq_overlay != nullptr;
+        if (kv->lq_overlay && (layers & (i == 0 ? LOGQUANT_LAYERS_GLOBAL : LOGQUANT_LAYERS_SWA)) != 0) {
             kv->lq_overlay->set_full_precision(seq, pos, n);
-            any = true;
         }
     }
     return any ? 0 : fail(LOGQUANT_ERR_STATE, "the overlay is not enabled on this context");

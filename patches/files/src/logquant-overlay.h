@@ -27,9 +27,10 @@ struct llama_hparams;
 
 struct logquant_overlay {
     // Allocates n_slots per stream for every layer of kv (in the same buffer types as
-    // the store). Throws std::runtime_error when kv cannot take an overlay or memory
-    // runs out.
-    logquant_overlay(llama_kv_cache & kv, uint32_t n_slots);
+    // the store), and the centering offsets when `flags` asks for centering
+    // (LOGQUANT_CENTER_*). Throws std::runtime_error when kv cannot take an overlay or
+    // memory runs out.
+    logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32_t flags);
 
     // Hook: the micro-batch `sinfo` was just written into the cells. Frees the slots
     // of emptied cells, then gives every written cell a slot (a full overlay leaves
@@ -64,6 +65,13 @@ struct logquant_overlay {
 
     uint32_t slots_used();
 
+    // Centering (include/logquant.h, LOGQUANT_CENTER_K/V): replaces the micro-batch's
+    // k_cur / v_cur [D, n_head_kv, n_tokens] by themselves minus their stream's
+    // offsets, before they are stored in either tier. No-op without centering.
+    // k: the store's K view of the micro-batch's streams (get_k), for their numbers.
+    void center(ggml_context * ctx, llm_graph_result * res, ggml_tensor * k, ggml_tensor *& k_cur,
+                ggml_tensor *& v_cur, int il);
+
     // The attention of layer il over both tiers; see logquant_build_attn.
     ggml_tensor * build_attn(ggml_context * ctx, llm_graph_result * res, ggml_tensor * q, ggml_tensor * k_cur,
                              ggml_tensor * v_cur, ggml_tensor * k, ggml_tensor * v, ggml_tensor * kq_mask,
@@ -85,12 +93,26 @@ struct logquant_overlay {
 
     std::vector<ggml_backend_buffer_ptr> bufs;
 
+    const bool center_k;
+    const bool center_v;
+
   private:
     void free_slot(uint32_t strm, int32_t slot);
+
+    // Takes stream strm's offsets from the tokens it holds (those of seq), then
+    // rewrites both tiers of those tokens as centered values; see set_full_precision.
+    void freeze_offsets(uint32_t strm, llama_seq_id seq);
+    // Back to offsets of zero (the stream was emptied and starts a new sequence).
+    void reset_offsets(uint32_t strm);
 
     std::vector<ggml_context_ptr> ctxs;
     std::vector<ggml_tensor *> k_ov; // per KV layer: [n_embd_k_gqa, n_slots*n_stream] f16
     std::vector<ggml_tensor *> v_ov;
+    // Centering: per KV layer, the offsets of every stream [n_embd_gqa, n_stream] f32
+    // (empty without centering); frozen: per stream, whether they were taken yet.
+    std::vector<ggml_tensor *> k_off;
+    std::vector<ggml_tensor *> v_off;
+    std::vector<uint8_t> frozen;
 
     std::vector<int32_t> slot_to_cell; // [n_stream][n_slots]
     std::vector<int32_t> cell_to_slot; // [n_stream][n_cells]
@@ -100,14 +122,23 @@ struct logquant_overlay {
     logquant_attn_state state = {};
     std::vector<logquant_attn_layer> layer_params; // per model layer; the ops' userdata
 
-    // The graph being built: its inputs, made at its first layer of this cache.
+    // The graph being built: its inputs, made at its first layer of this cache (the
+    // first call of center or build_attn for a layer not after the last one seen).
     struct graph_input;
+    graph_input * input_for(ggml_context * ctx, llm_graph_result * res, int il, int stage, int64_t ns,
+                            ggml_tensor * k_cur);
     graph_input * inp = nullptr;
-    int inp_il = -1;
+    int inp_il    = -1;
+    int inp_stage = 0; // 0: center, 1: build_attn
 };
 
 // The overlay of the cache behind mctx, or nullptr when it has none.
 logquant_overlay * logquant_overlay_of(const llama_kv_cache_context * mctx);
+
+// Hook before the micro-batch's K and V are stored: centers them where the cache behind
+// mctx has an overlay that centers (logquant_overlay::center); otherwise leaves them.
+void logquant_center_kv(ggml_context * ctx, llm_graph_result * res, const llama_kv_cache_context * mctx,
+                        ggml_tensor *& k_cur, ggml_tensor *& v_cur, int il);
 
 // Replaces build_attn_mha for a cache with an overlay: writes k_cur/v_cur (rotated as
 // stored) into the overlay and returns attention over both tiers, shaped as
