@@ -7,17 +7,20 @@
 #   scripts/benchmarks-logquant.sh bench  bench at depths 4096 and 16384, batch 1 and 4,
 #                                         logquant against f16, q8_0, q4_0; plan in 4 GiB
 #
-# Environment: BIN (default: build target/release/logquant), MODEL (default: fetch it),
-# TEXTS (default ../shared/eval), OUT (default docs/results/cpu), THREADS (default:
+# Environment: BIN (default: build target/release/logquant), MODEL_NAME (gemma3-270m, the
+# default, or qwen2.5-coder-0.5b: what scripts/fetch-model.py --model fetches), MODEL (a
+# GGUF path instead), TEXTS (default ../shared/eval), OUT (default docs/results/cpu, and
+# docs/results/cpu/MODEL_NAME for eval when MODEL_NAME is given), NS (default 4096 8192),
+# KV (the configurations), THREADS (default:
 # logquant's), PARALLEL=1 runs the two texts of one N at the same time (for a machine
 # with many cores; give THREADS for each). Eval figures do not depend on the machine;
 # bench and plan figures do (they name it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${BIN:-}" ]; then cargo build --release; BIN=./target/release/logquant; fi
-MODEL=${MODEL:-$(python3 scripts/fetch-model.py)}
+MODEL=${MODEL:-$(python3 scripts/fetch-model.py ${MODEL_NAME:+--model "$MODEL_NAME"})}
 TEXTS=${TEXTS:-../shared/eval}
-OUT=${OUT:-docs/results/cpu}
+OUT=${OUT:-docs/results/cpu${MODEL_NAME:+/$MODEL_NAME}}
 T=${THREADS:+-t $THREADS}
 mkdir -p "$OUT"
 KV=${KV:-f16,q8_0,q4_0,logquant:D=128,kivi:D=128,streaming:D=128,logquant:D=384,kivi:D=384,streaming:D=384,q2}

@@ -7,7 +7,8 @@
 //! - [`generate`], [`eval`], [`bench`], [`plan`]: what the commands do;
 //! - [`kvconfig`]: names of KV cache configurations;
 //! - [`retention`]: which tokens stay at full precision (LogQuant and its baselines);
-//! - [`session`]: a context plus the retention policy of each sequence.
+//! - [`session`]: a context plus the retention policy of each sequence;
+//! - `serve` (feature `serve`, on by default): the OpenAI-compatible server.
 
 pub mod bench;
 pub mod engine;
@@ -21,6 +22,8 @@ pub mod plan;
 pub mod progress;
 pub mod report;
 pub mod retention;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod session;
 
 mod sys {

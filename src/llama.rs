@@ -228,7 +228,18 @@ impl Model {
     }
 
     /// Text to tokens. `add_special` adds BOS (or what the model is configured with).
+    /// Special-token text (`<start_of_turn>`) is tokenized as plain text.
     pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<Token>, LlamaError> {
+        self.tokenize_with(text, add_special, false)
+    }
+
+    /// Like [`Model::tokenize`], but special-token text becomes the special token: for
+    /// prompts built by a chat template.
+    pub fn tokenize_special(&self, text: &str, add_special: bool) -> Result<Vec<Token>, LlamaError> {
+        self.tokenize_with(text, add_special, true)
+    }
+
+    fn tokenize_with(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<Token>, LlamaError> {
         let len = i32::try_from(text.len()).map_err(|_| LlamaError::Tokenize("text longer than 2 GiB".into()))?;
         let call = |tokens: &mut Vec<Token>| unsafe {
             ffi::llama_tokenize(
@@ -238,7 +249,7 @@ impl Model {
                 tokens.as_mut_ptr(),
                 tokens.len() as i32,
                 add_special,
-                false,
+                parse_special,
             )
         };
         let mut tokens = vec![0 as Token; text.len() + 2];
@@ -253,6 +264,15 @@ impl Model {
         }
         tokens.truncate(n as usize);
         Ok(tokens)
+    }
+
+    /// The chat template stored in the GGUF (`tokenizer.chat_template`), if any.
+    pub fn chat_template(&self) -> Option<String> {
+        let p = unsafe { ffi::llama_model_chat_template(self.ptr.as_ptr(), std::ptr::null()) };
+        if p.is_null() {
+            return None;
+        }
+        Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
     }
 
     /// The bytes of one token (may be part of a UTF-8 character). Special tokens render empty.
@@ -319,6 +339,54 @@ impl Drop for Model {
     fn drop(&mut self) {
         unsafe { ffi::llama_model_free(self.ptr.as_ptr()) }
     }
+}
+
+/// A conversation rendered by llama.cpp's chat-template code (`llama_chat_apply_template`:
+/// the built-in templates it recognises, by name such as "chatml" or by the template text
+/// of a GGUF), ending with the assistant's turn opened when `add_assistant`. Messages are
+/// (role, content) pairs. Errors when llama.cpp does not know the template.
+pub fn apply_chat_template(
+    template: &str,
+    messages: &[(String, String)],
+    add_assistant: bool,
+) -> Result<String, LlamaError> {
+    let nul = |what: &str| LlamaError::InvalidArgument(format!("the {what} contains a NUL byte"));
+    let tmpl = CString::new(template).map_err(|_| nul("chat template"))?;
+    let owned: Vec<(CString, CString)> = messages
+        .iter()
+        .map(|(r, c)| {
+            Ok((
+                CString::new(r.as_str()).map_err(|_| nul("role"))?,
+                CString::new(c.as_str()).map_err(|_| nul("message content"))?,
+            ))
+        })
+        .collect::<Result<_, LlamaError>>()?;
+    let chat: Vec<ffi::llama_chat_message> =
+        owned.iter().map(|(r, c)| ffi::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
+    let total: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
+    let mut buf = vec![0u8; (total * 2 + 256).min(i32::MAX as usize)];
+    let call = |buf: &mut Vec<u8>| unsafe {
+        ffi::llama_chat_apply_template(
+            tmpl.as_ptr(),
+            chat.as_ptr(),
+            chat.len(),
+            add_assistant,
+            buf.as_mut_ptr().cast(),
+            buf.len() as i32,
+        )
+    };
+    let mut n = call(&mut buf);
+    if n > buf.len() as i32 {
+        buf.resize(n as usize, 0);
+        n = call(&mut buf);
+    }
+    if n < 0 {
+        return Err(LlamaError::InvalidArgument(
+            "llama.cpp does not know this chat template (its built-in ones: chatml, llama3, gemma, ...)".into(),
+        ));
+    }
+    buf.truncate(n as usize);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 // ---------------------------------------------------------------------------------

@@ -40,8 +40,57 @@ enum Command {
     Plan(PlanArgs),
     /// Write a llama-architecture GGUF with random weights (tests; speed and memory runs).
     Synth(SynthArgs),
+    /// Serve the model over HTTP with an OpenAI-compatible API (continuous batching).
+    #[cfg(feature = "serve")]
+    Serve(ServeArgs),
     /// Print the build: llama.cpp version, CPU features, patch series.
     Info,
+}
+
+#[cfg(feature = "serve")]
+#[derive(Args)]
+struct ServeArgs {
+    /// Path to a GGUF model.
+    #[arg(short = 'm', long = "model")]
+    model: PathBuf,
+    /// The model id clients name (default: the file name without .gguf).
+    #[arg(long = "alias")]
+    alias: Option<String>,
+    /// KV cache configuration: f16, q8_0, q4_0/q8_0, logquant[:D=384], kivi, streaming, ...
+    #[arg(long = "kv", default_value = "logquant", value_parser = parse_kv_one)]
+    kv: KvConfig,
+    /// Tokens per sequence, prompt and answer (default: 4096, or the training context if smaller).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    ctx_size: u32,
+    /// Sequences served at once.
+    #[arg(long = "parallel", visible_alias = "np", conflicts_with = "memory")]
+    parallel: Option<u32>,
+    /// Instead of --parallel: as many sequences as fit this memory (weights, KV, buffers), e.g. 4GiB.
+    #[arg(long = "memory", value_parser = logquant::plan::parse_size)]
+    memory: Option<u64>,
+    /// Requests that may wait for a free sequence; more get 503 with Retry-After.
+    #[arg(long = "queue", default_value_t = 64)]
+    queue: usize,
+    /// Address to bind (only this machine by default).
+    #[arg(long = "host", default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long = "port", default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on every /v1 request.
+    #[arg(long = "api-key", env = "LOGQUANT_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Threads for decoding (default: the machine's cores, at most 16).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<i32>,
+    /// Flash attention: on, off or auto.
+    #[arg(long = "flash-attn", visible_alias = "fa", value_enum, default_value_t = FlashAttnArg::Auto)]
+    flash_attn: FlashAttnArg,
+    /// Layers to offload to the GPU (-1 = all); ignored by a CPU-only build.
+    #[arg(long = "gpu-layers", visible_alias = "ngl", default_value_t = -1, allow_negative_numbers = true)]
+    gpu_layers: i32,
+    /// Show llama.cpp's own log on stderr.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
 }
 
 #[derive(Args)]
@@ -325,6 +374,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd_bench(args),
         Command::Plan(args) => cmd_plan(args),
         Command::Synth(args) => cmd_synth(args),
+        #[cfg(feature = "serve")]
+        Command::Serve(args) => cmd_serve(args),
         Command::Info => {
             llama::init(false);
             println!("{}", engine::build_description());
@@ -338,6 +389,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "serve")]
+fn cmd_serve(args: ServeArgs) -> Result<()> {
+    use logquant::serve::{self, Capacity, ServeOptions};
+    llama::init(args.verbose);
+    let opts = ServeOptions {
+        model: args.model,
+        alias: args.alias,
+        kv: args.kv,
+        ctx_per_seq: args.ctx_size,
+        capacity: match (args.parallel, args.memory) {
+            (_, Some(m)) => Capacity::Memory(m),
+            (Some(n), None) => Capacity::Parallel(n),
+            (None, None) => Capacity::Parallel(4),
+        },
+        queue: args.queue,
+        host: args.host,
+        port: args.port,
+        api_key: args.api_key,
+        gpu_layers: args.gpu_layers,
+        threads: args.threads.unwrap_or_else(engine::default_threads),
+        flash_attn: flash_attn(args.flash_attn),
+    };
+    serve::serve(&opts, |s| {
+        eprintln!(
+            "logquant serve: listening on {} | {} sequences of {} tokens ({})",
+            s.address, s.parallel, s.ctx_per_seq, s.why
+        );
+    })?;
+    eprintln!("logquant serve: stopped");
+    Ok(())
 }
 
 fn cmd_run(args: RunArgs) -> Result<()> {

@@ -283,11 +283,16 @@ fn a_model_on_cuda_matches_the_cpu_with_several_sequences() {
         (all.iter().sum::<f64>() / all.len() as f64, all.iter().cloned().fold(0.0, f64::max))
     };
     let f16 = kld(&run_three(&cpu, "f16"), &run_three(&gpu, "f16"));
-    let lq = kld(&run_three(&cpu, "logquant:D=24"), &run_three(&gpu, "logquant:D=24"));
-    let q2_gap = kld(&run_three(&cpu, "f16"), &run_three(&cpu, "logquant:D=24"));
-    eprintln!("CPU vs CUDA mean/max KLD: f16 {f16:?}, logquant:D=24 {lq:?}; logquant vs f16 on the CPU {q2_gap:?}");
-    assert!(lq.0 < 1e-3 && lq.1 < 1e-2, "logquant CPU vs CUDA: {lq:?}");
-    assert!(lq.0 < q2_gap.0 / 10.0, "CPU vs CUDA should be far below what the 2-bit cache itself costs");
+    eprintln!("CPU vs CUDA mean/max KLD: f16 {f16:?}");
+    // Keys centered (the default), both centered (offsets added back to the output on
+    // the GPU too), and none.
+    for kv in ["logquant:D=24", "logquant:D=24:center=kv", "logquant:D=24:center=none"] {
+        let lq = kld(&run_three(&cpu, kv), &run_three(&gpu, kv));
+        let q2_gap = kld(&run_three(&cpu, "f16"), &run_three(&cpu, kv));
+        eprintln!("CPU vs CUDA mean/max KLD: {kv} {lq:?}; {kv} vs f16 on the CPU {q2_gap:?}");
+        assert!(lq.0 < 1e-3 && lq.1 < 1e-2, "{kv} CPU vs CUDA: {lq:?}");
+        assert!(lq.0 < q2_gap.0 / 10.0, "{kv}: CPU vs CUDA should be far below what the 2-bit cache itself costs");
+    }
 }
 
 /// Not a check: the attention op alone on the GPU at the decode shapes of Llama 3 8B

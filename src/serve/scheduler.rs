@@ -1,0 +1,308 @@
+//! The engine thread: it alone owns the llama.cpp context and runs continuous
+//! batching over its sequences.
+//!
+//! Each step builds one batch: one token for every sequence that is generating, then
+//! prompt chunks of the sequences still prefilling (taken in turn, so a long prompt
+//! shares the steps with the others instead of stalling them), within the context's
+//! batch size. After the decode, every sequence whose last token produced logits
+//! samples its next token. Requests wait in the bounded channel until a sequence is
+//! free; a request whose client went away (its event receiver dropped) frees its
+//! sequence before the next step. Every request was checked by the HTTP layer first
+//! (prompt and max_tokens within the per-sequence context), so nothing here can
+//! overrun a sequence.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::metrics::Metrics;
+use super::text::{AnswerText, Piece};
+use crate::engine::LoadedModel;
+use crate::llama::{Batch, Sampler, SamplerParams, Token};
+use crate::session::Session;
+
+/// One generation request, already tokenized and validated.
+pub struct Job {
+    pub prompt: Vec<Token>,
+    pub max_tokens: usize,
+    pub sampler: SamplerParams,
+    pub stop: Vec<String>,
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// New text of the answer (whole characters; may be empty at the first token).
+    Text(String),
+    Done {
+        finish: Finish,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// max_tokens, or the sequence's context is full.
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+struct Slot {
+    seq: i32,
+    job: Job,
+    /// Prompt tokens decoded so far.
+    prefilled: usize,
+    /// The sampled token to decode next (None while prefilling).
+    next: Option<Token>,
+    generated: usize,
+    sampler: Sampler,
+    text: AnswerText,
+}
+
+impl Slot {
+    fn pos(&self) -> usize {
+        self.prefilled + self.generated.saturating_sub(1)
+    }
+}
+
+/// How the engine's context is laid out.
+pub struct Layout {
+    /// Sequences the context holds.
+    pub parallel: usize,
+    /// Tokens each sequence may hold (prompt + answer).
+    pub ctx_per_seq: usize,
+    /// Most prompt tokens of one sequence per step.
+    pub prefill_chunk: usize,
+}
+
+/// Runs until `jobs` is closed and every admitted request has ended.
+pub fn run(
+    model: &LoadedModel,
+    mut session: Session<'_>,
+    layout: Layout,
+    mut jobs: mpsc::Receiver<Job>,
+    metrics: Arc<Metrics>,
+) {
+    let capacity = session.n_batch() as usize;
+    let chunk = layout.prefill_chunk.min(session.max_tokens_per_sequence()).max(1);
+    let mut batch = match Batch::new(capacity) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("logquant serve: cannot allocate a batch: {e}");
+            return;
+        }
+    };
+    let mut free: VecDeque<i32> = (0..layout.parallel as i32).collect();
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut closed = false;
+    let mut turn = 0usize; // which prefilling sequence goes first this step
+    let mut rate = 0.0f64;
+    loop {
+        // Admit waiting requests while sequences are free.
+        while !free.is_empty() && !closed {
+            let job = if slots.is_empty() {
+                match jobs.blocking_recv() {
+                    Some(j) => j,
+                    None => {
+                        closed = true;
+                        break;
+                    }
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(j) => j,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            };
+            if job.events.is_closed() {
+                Metrics::add(&metrics.cancelled, 1);
+                continue;
+            }
+            let seq = free.pop_front().expect("a free sequence");
+            let sampler = Sampler::new(&job.sampler);
+            let text = AnswerText::new(job.stop.clone());
+            slots.push(Slot { seq, job, prefilled: 0, next: None, generated: 0, sampler, text });
+        }
+        if slots.is_empty() && closed {
+            return;
+        }
+        // Clients that went away free their sequence now.
+        slots.retain(|s| {
+            let gone = s.job.events.is_closed();
+            if gone {
+                Metrics::add(&metrics.cancelled, 1);
+                release(&mut session, &mut free, s.seq);
+            }
+            !gone
+        });
+        metrics.active_sequences.store(slots.len() as u64, Relaxed);
+        if slots.is_empty() {
+            continue;
+        }
+
+        // One step: generating sequences first, then prompt chunks in turn.
+        batch.clear();
+        let mut rows: Vec<(usize, usize)> = Vec::new(); // (slot, batch index with logits)
+        let mut prefill_tokens = 0usize;
+        for (i, s) in slots.iter().enumerate() {
+            if let Some(t) = s.next {
+                if batch.len() < capacity {
+                    rows.push((i, batch.len()));
+                    add(&mut batch, t, s.pos(), s.seq, true);
+                }
+            }
+        }
+        let n = slots.len();
+        for k in 0..n {
+            let i = (turn + k) % n;
+            let s = &mut slots[i];
+            if s.next.is_some() || s.prefilled == s.job.prompt.len() {
+                continue;
+            }
+            let room = capacity - batch.len();
+            let take = (s.job.prompt.len() - s.prefilled).min(chunk).min(room);
+            for j in 0..take {
+                let p = s.prefilled + j;
+                let last = p + 1 == s.job.prompt.len();
+                if last {
+                    rows.push((i, batch.len()));
+                }
+                add(&mut batch, s.job.prompt[p], p, s.seq, last);
+            }
+            s.prefilled += take;
+            prefill_tokens += take;
+        }
+        turn = turn.wrapping_add(1);
+        if batch.is_empty() {
+            continue;
+        }
+        let t0 = Instant::now();
+        let result = session.decode(&batch);
+        let dt = t0.elapsed();
+        Metrics::add(&metrics.decode_steps, 1);
+        Metrics::add(&metrics.decode_micros, dt.as_micros() as u64);
+        Metrics::add(&metrics.prompt_tokens, prefill_tokens as u64);
+        if let Some(o) = session.overlay() {
+            metrics.overlay_slots_used.store(o.slots_used, Relaxed);
+        }
+        if let Err(e) = result {
+            // Nothing of this step is trusted: end every request it carried.
+            eprintln!("logquant serve: decode failed: {e}");
+            let in_batch: Vec<i32> = (0..batch.len()).map(|i| batch.seq_of(i)).collect();
+            slots.retain(|s| {
+                let hit = in_batch.contains(&s.seq);
+                if hit {
+                    let _ = s.job.events.send(Event::Failed(format!("decoding failed: {e}")));
+                    Metrics::add(&metrics.failed, 1);
+                    release(&mut session, &mut free, s.seq);
+                }
+                !hit
+            });
+            continue;
+        }
+
+        // Sample for every row with logits.
+        let mut ended: Vec<usize> = Vec::new();
+        let sampled = rows.len();
+        for (i, row) in rows {
+            let s = &mut slots[i];
+            let token = match s.sampler.sample(&mut session, row) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = s.job.events.send(Event::Failed(format!("sampling failed: {e}")));
+                    Metrics::add(&metrics.failed, 1);
+                    ended.push(i);
+                    continue;
+                }
+            };
+            let finish = if model.model.is_eog(token) {
+                let rest = s.text.finish();
+                send_text(s, rest);
+                Some(Finish::Stop)
+            } else {
+                s.generated += 1;
+                Metrics::add(&metrics.completion_tokens, 1);
+                let bytes = model.model.token_bytes(token).unwrap_or_default();
+                match s.text.push(&bytes) {
+                    Piece::Stopped(t) => {
+                        send_text(s, t);
+                        Some(Finish::Stop)
+                    }
+                    Piece::More(t) => {
+                        send_text(s, t);
+                        let full = s.job.prompt.len() + s.generated >= layout.ctx_per_seq;
+                        if s.generated >= s.job.max_tokens || full {
+                            let rest = s.text.finish();
+                            send_text(s, rest);
+                            Some(Finish::Length)
+                        } else {
+                            s.next = Some(token);
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(finish) = finish {
+                let done = Event::Done { finish, prompt_tokens: s.job.prompt.len(), completion_tokens: s.generated };
+                let _ = s.job.events.send(done);
+                Metrics::add(&metrics.completed, 1);
+                ended.push(i);
+            }
+        }
+        let generating = sampled as f64;
+        if dt.as_secs_f64() > 0.0 && generating > 0.0 {
+            // A moving average over roughly the last 16 steps.
+            rate = if rate == 0.0 {
+                generating / dt.as_secs_f64()
+            } else {
+                0.9375 * rate + 0.0625 * generating / dt.as_secs_f64()
+            };
+            metrics.set_decode_rate(rate);
+        }
+        ended.sort_unstable();
+        for i in ended.into_iter().rev() {
+            let s = slots.remove(i);
+            release(&mut session, &mut free, s.seq);
+        }
+        metrics.active_sequences.store(slots.len() as u64, Relaxed);
+    }
+}
+
+fn add(batch: &mut Batch, token: Token, pos: usize, seq: i32, logits: bool) {
+    // Within capacity by construction (the step counts its tokens).
+    batch.add(token, pos as i32, seq, logits).expect("the step stays within the batch");
+}
+
+fn send_text(s: &Slot, text: String) {
+    if !text.is_empty() {
+        let _ = s.job.events.send(Event::Text(text));
+    }
+}
+
+/// Forgets a sequence's tokens and returns it to the free list. A sequence that could
+/// not be cleared is not reused (its cells would leak into the next request).
+fn release(session: &mut Session<'_>, free: &mut VecDeque<i32>, seq: i32) {
+    match session.remove(seq, 0, -1) {
+        Ok(_) => free.push_back(seq),
+        Err(e) => eprintln!("logquant serve: sequence {seq} could not be cleared and is retired: {e}"),
+    }
+}
