@@ -4,7 +4,7 @@
 //! - [`gguf`]: the project's own GGUF reader and writer, model shapes, KV sizing;
 //! - [`llama`]: the safe wrapper over llama.cpp (the only `unsafe` code);
 //! - [`engine`]: validation before anything reaches llama.cpp;
-//! - [`generate`], [`eval`], [`bench`], [`plan`]: what the commands do;
+//! - [`generate`], [`eval`], [`tasks`], [`bench`], [`plan`]: what the commands do;
 //! - [`kvconfig`]: names of KV cache configurations;
 //! - [`retention`]: which tokens stay at full precision (LogQuant and its baselines);
 //! - [`session`]: a context plus the retention policy of each sequence;
@@ -25,6 +25,7 @@ pub mod retention;
 #[cfg(feature = "serve")]
 pub mod serve;
 pub mod session;
+pub mod tasks;
 
 mod sys {
     pub(crate) mod ffi;

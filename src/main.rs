@@ -14,7 +14,7 @@ use logquant::kvconfig::KvConfig;
 use logquant::llama::{self, FlashAttn, ModelParams, SamplerParams};
 use logquant::progress::Progress;
 use logquant::report::{self, mib, Table};
-use logquant::{bench, eval, plan};
+use logquant::{bench, eval, plan, tasks};
 
 /// Context size when -c is not given (capped by the model's training context).
 const DEFAULT_CTX: u32 = 4096;
@@ -190,6 +190,35 @@ struct EvalArgs {
     /// Tokens per decode call (S); 1 is token-by-token.
     #[arg(long = "step", default_value_t = 16)]
     step: usize,
+    /// What to measure: kld (against f16, on the text), passkey (filler from -f) or
+    /// lines (next line of the source file -f).
+    #[arg(long = "task", value_enum, default_value_t = TaskArg::Kld)]
+    task: TaskArg,
+    /// passkey: prompt lengths in tokens, comma-separated.
+    #[arg(long = "contexts", value_delimiter = ',', default_value = "4096,8192,16384")]
+    contexts: Vec<usize>,
+    /// passkey: where the key sits, percent of the filler, comma-separated.
+    #[arg(long = "depths", value_delimiter = ',', default_value = "10,50,90")]
+    depths: Vec<u32>,
+    /// passkey: trials per context and depth.
+    #[arg(long = "trials", default_value_t = 20)]
+    trials: usize,
+    /// passkey: seed of the keys.
+    #[arg(long = "seed", default_value_t = 1)]
+    seed: u64,
+    /// lines: lines to score.
+    #[arg(long = "lines", default_value_t = 100)]
+    lines: usize,
+    /// lines: tokens of the file before the first scored line, at least.
+    #[arg(long = "prefix", default_value_t = 1024)]
+    prefix: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TaskArg {
+    Kld,
+    Passkey,
+    Lines,
 }
 
 #[derive(Args)]
@@ -532,6 +561,11 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         .with_context(|| format!("cannot read text file {}", args.file.display()))?;
     let model =
         engine::load_model(&common.model, &ModelParams { gpu_layers: common.gpu_layers, ..Default::default() })?;
+    match args.task {
+        TaskArg::Kld => {}
+        TaskArg::Passkey => return cmd_passkey(&args, &model, &text),
+        TaskArg::Lines => return cmd_lines(&args, &model, &text),
+    }
     let tokens = eval::text_tokens(&model, &text, args.tokens)?;
     let opts = eval::EvalOptions { tokens: args.tokens, step: args.step, context: common.context_template() };
     let mut progress = Progress::new("eval", tokens.len());
@@ -569,6 +603,93 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
             format!("{:.6}", r.p99_kld),
             format!("{:.2}", r.top1_agreement),
             format!("{:.4}", r.perplexity),
+            format!("{:.1}", r.seconds),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+fn task_json(
+    args: &EvalArgs,
+    model: &engine::LoadedModel,
+    task: &str,
+    results: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "machine": bench::machine_description(args.common.gpu_layers),
+        "build": engine::build_description(),
+        "model": model.path,
+        "text": args.file,
+        "task": task,
+        "attention_rotation": engine::attention_rotation(),
+        "results": results,
+    })
+}
+
+fn cmd_passkey(args: &EvalArgs, model: &engine::LoadedModel, filler: &str) -> Result<()> {
+    let common = &args.common;
+    let configs = common.configs();
+    let opts = tasks::PasskeyOptions {
+        contexts: args.contexts.clone(),
+        depths: args.depths.clone(),
+        trials: args.trials,
+        seed: args.seed,
+        context: common.context_template(),
+    };
+    let mut progress = Progress::new("passkey", tasks::passkey_tokens(&opts) * configs.len());
+    let cells = tasks::passkey_task(model, filler, &configs, &opts, &mut progress)?;
+    if common.write_json(&task_json(args, model, "passkey", serde_json::to_value(&cells)?))? {
+        return Ok(());
+    }
+    println!(
+        "passkey: {} ({}), filler from {}, {} trials per cell, greedy, exact match; percent correct",
+        model.model.description(),
+        model.path.display(),
+        args.file.display(),
+        args.trials
+    );
+    let mut headers = vec!["cache".to_string()];
+    for c in &args.contexts {
+        for d in &args.depths {
+            headers.push(format!("{c} @{d}%"));
+        }
+    }
+    let mut t = Table::new(&headers.iter().map(String::as_str).collect::<Vec<_>>());
+    for kv in &configs {
+        let name = kv.to_string();
+        let mut row = vec![name.clone()];
+        row.extend(cells.iter().filter(|c| c.config == name).map(|c| format!("{:.0}", c.accuracy)));
+        t.row(row);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+fn cmd_lines(args: &EvalArgs, model: &engine::LoadedModel, text: &str) -> Result<()> {
+    let common = &args.common;
+    let configs = common.configs();
+    let opts = tasks::LinesOptions { lines: args.lines, min_prefix: args.prefix, context: common.context_template() };
+    let mut progress = Progress::new("lines", args.lines * configs.len());
+    let rows = tasks::lines_task(model, text, &configs, &opts, &mut progress)?;
+    if common.write_json(&task_json(args, model, "lines", serde_json::to_value(&rows)?))? {
+        return Ok(());
+    }
+    println!(
+        "lines: {} ({}), next line of {} after {}..{} tokens, greedy, exact match",
+        model.model.description(),
+        model.path.display(),
+        args.file.display(),
+        rows.first().map_or(0, |r| r.first_prefix_tokens),
+        rows.first().map_or(0, |r| r.last_prefix_tokens)
+    );
+    let mut t = Table::new(&["cache", "lines", "exact", "exact %", "seconds"]);
+    for r in &rows {
+        t.row(vec![
+            r.config.clone(),
+            r.lines.to_string(),
+            r.exact.to_string(),
+            format!("{:.1}", r.accuracy),
             format!("{:.1}", r.seconds),
         ]);
     }

@@ -4,7 +4,8 @@
 //! Each step builds one batch: one token for every sequence that is generating, then
 //! prompt chunks of the sequences still prefilling (taken in turn, so a long prompt
 //! shares the steps with the others instead of stalling them), within the context's
-//! batch size. After the decode, every sequence whose last token produced logits
+//! batch size. A prompt is split into the same chunks under any load, so at
+//! temperature 0 an answer equals the one the request gets alone. After the decode, every sequence whose last token produced logits
 //! samples its next token. Requests wait in the bounded channel until a sequence is
 //! free; a request whose client went away (its event receiver dropped) frees its
 //! sequence before the next step. Every request was checked by the HTTP layer first
@@ -99,7 +100,16 @@ pub fn run(
     metrics: Arc<Metrics>,
 ) {
     let capacity = session.n_batch() as usize;
-    let chunk = layout.prefill_chunk.min(session.max_tokens_per_sequence()).max(1);
+    // Prompts are fed in chunks at fixed positions ([0, chunk), [chunk, 2 chunk), ...)
+    // whatever else the step carries: the two-tier cache's state after a prompt depends
+    // on where its decode calls split it (the policy runs after each), and so, at
+    // temperature 0, does the answer. A chunk fits beside one token of every other
+    // sequence, so the first prefilling sequence in turn always gets its chunk.
+    let chunk = layout
+        .prefill_chunk
+        .min(session.max_tokens_per_sequence())
+        .min(capacity.saturating_sub(layout.parallel.saturating_sub(1)))
+        .max(1);
     let mut batch = match Batch::new(capacity) {
         Ok(b) => b,
         Err(e) => {
@@ -179,7 +189,10 @@ pub fn run(
                 continue;
             }
             let room = capacity - batch.len();
-            let take = (s.job.prompt.len() - s.prefilled).min(chunk).min(room);
+            let take = (s.job.prompt.len() - s.prefilled).min(chunk - s.prefilled % chunk);
+            if take > room {
+                continue; // next step: a chunk is never split by the load
+            }
             for j in 0..take {
                 let p = s.prefilled + j;
                 let last = p + 1 == s.job.prompt.len();

@@ -150,11 +150,8 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32
     slot_to_cell.assign(size_t(n_stream)*this->n_slots, -1);
     cell_to_slot.assign(size_t(n_stream)*n_cells, -1);
     free_slots.resize(n_stream);
-    for (auto & fs : free_slots) {
-        // popped from the back: slot 0 first
-        for (int32_t s = int32_t(this->n_slots) - 1; s >= 0; --s) {
-            fs.push_back(s);
-        }
+    for (uint32_t strm = 0; strm < n_stream; ++strm) {
+        reset_slots(strm);
     }
     frozen.assign(n_stream, 0);
     state.n_slots      = int32_t(this->n_slots);
@@ -162,6 +159,22 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32
     state.slot_to_cell = slot_to_cell.data();
     state.cell_to_slot = cell_to_slot.data();
     layer_params.assign(kv.hparams.n_layer(), logquant_attn_layer{ &state, 1.0f, 0.0f, 0.0f });
+}
+
+void logquant_overlay::reset_slots(uint32_t strm) {
+    for (uint32_t slot = 0; slot < n_slots; ++slot) {
+        const int32_t c = slot_to_cell[size_t(strm)*n_slots + slot];
+        if (c >= 0) {
+            cell_to_slot[size_t(strm)*n_cells + c] = -1;
+            slot_to_cell[size_t(strm)*n_slots + slot] = -1;
+        }
+    }
+    auto & fs = free_slots[strm];
+    fs.clear();
+    // popped from the back: slot 0 first
+    for (int32_t s = int32_t(n_slots) - 1; s >= 0; --s) {
+        fs.push_back(s);
+    }
 }
 
 void logquant_overlay::free_slot(uint32_t strm, int32_t slot) {
@@ -195,8 +208,14 @@ void logquant_overlay::on_ubatch(const llama_kv_cache::slot_info & sinfo, const 
     token_row.assign(ubatch.n_tokens, -1);
     for (uint32_t s = 0; s < sinfo.n_stream(); ++s) {
         const uint32_t strm = sinfo.strm[s];
-        if (frozen[strm] && kv.v_cells[strm].get_used() == sinfo.size()) {
-            reset_offsets(strm); // the stream held nothing before this micro-batch
+        if (kv.v_cells[strm].get_used() == sinfo.size()) {
+            // The stream held nothing before this micro-batch: it starts as a fresh one
+            // (the same slots in the same order, whatever it held before), so a sequence's
+            // results do not depend on the stream's history.
+            reset_slots(strm);
+            if (frozen[strm]) {
+                reset_offsets(strm);
+            }
         }
         for (uint32_t ii = 0; ii < sinfo.size(); ++ii) {
             const uint32_t i    = s*sinfo.size() + ii;

@@ -104,6 +104,8 @@ struct logquant_overlay {
     void freeze_offsets(uint32_t strm, llama_seq_id seq);
     // Back to offsets of zero (the stream was emptied and starts a new sequence).
     void reset_offsets(uint32_t strm);
+    // Every slot of the stream free, in the order of a new context.
+    void reset_slots(uint32_t strm);
 
     std::vector<ggml_context_ptr> ctxs;
     std::vector<ggml_tensor *> k_ov; // per KV layer: [n_embd_k_gqa, n_slots*n_stream] f16
