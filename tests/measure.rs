@@ -12,6 +12,7 @@ use logquant::kvconfig::KvConfig;
 use logquant::llama::{Batch, ModelParams};
 use logquant::plan::{self, PlanOptions};
 use logquant::progress::Progress;
+use logquant::tasks;
 
 fn kv(names: &str) -> Vec<KvConfig> {
     KvConfig::parse_list(names).unwrap()
@@ -216,4 +217,77 @@ fn measuring_commands_reject_bad_input() {
 
     let out = logquant(&["bench", "-m", m, "--depth", "0"]);
     assert_clean_failure(&out, "must be positive");
+}
+
+/// A Python-like text for the lines task: varied, non-blank lines.
+fn source_text(n_funcs: usize) -> String {
+    (0..n_funcs).map(|i| format!("def f{i}(x, y):\n    z = x * {} + y\n    return z - {i}\n\n", i * 7 % 13)).collect()
+}
+
+#[test]
+fn lines_task_scores_lines_after_the_prefix_deterministically() {
+    let model = engine::load_model(&common::tiny_model(), &ModelParams::default()).unwrap();
+    let text = source_text(30);
+    let (tokens, targets) = tasks::line_targets(&model, &text, 8, 200).unwrap();
+    assert_eq!(targets.len(), 8);
+    let mut last = 0;
+    for t in &targets {
+        assert!(t.prefix_tokens >= 200 && t.prefix_tokens > last, "{t:?}");
+        assert!(!t.line.trim().is_empty() && text.lines().any(|l| l == t.line), "{t:?}");
+        assert!(tokens.len() > t.prefix_tokens);
+        last = t.prefix_tokens;
+    }
+    let opts = tasks::LinesOptions { lines: 8, min_prefix: 200, context: ContextConfig::new(0) };
+    let configs = kv("f16,logquant:D=48");
+    let a = tasks::lines_task(&model, &text, &configs, &opts, &mut Progress::hidden()).unwrap();
+    let b = tasks::lines_task(&model, &text, &configs[..1], &opts, &mut Progress::hidden()).unwrap();
+    assert_eq!(a.len(), 2);
+    assert!(a.iter().all(|r| r.lines == 8 && r.exact <= 8 && r.first_prefix_tokens >= 200));
+    assert_eq!(a[0].exact, b[0].exact, "greedy f16 answers are deterministic");
+
+    let err = tasks::line_targets(&model, &text, 1000, 200).unwrap_err().to_string();
+    assert!(err.contains("fewer than the 1000 asked for"), "{err}");
+}
+
+#[test]
+fn passkey_task_runs_and_checks_its_input() {
+    let model = engine::load_model(&common::tiny_model(), &ModelParams::default()).unwrap();
+    let filler = "the grass is green and the sky is blue and the sun is bright. ".repeat(100);
+    let mut opts = tasks::PasskeyOptions {
+        contexts: vec![300],
+        depths: vec![10, 90],
+        trials: 2,
+        seed: 1,
+        context: ContextConfig::new(0),
+    };
+    let cells = tasks::passkey_task(&model, &filler, &kv("f16,logquant:D=48"), &opts, &mut Progress::hidden()).unwrap();
+    assert_eq!(cells.len(), 4);
+    assert!(cells.iter().all(|c| c.trials == 2 && c.correct <= 2 && c.context == 300));
+    opts.depths = vec![150];
+    let err = tasks::passkey_task(&model, &filler, &kv("f16"), &opts, &mut Progress::hidden()).unwrap_err();
+    assert!(err.to_string().contains("percentages"), "{err}");
+    opts.depths = vec![50];
+    opts.contexts = vec![40];
+    let err = tasks::passkey_task(&model, &filler, &kv("f16"), &opts, &mut Progress::hidden()).unwrap_err();
+    assert!(err.to_string().contains("too short"), "{err}");
+    let err = tasks::passkey_task(&model, "too short", &kv("f16"), &opts, &mut Progress::hidden()).unwrap_err();
+    assert!(err.to_string().contains("filler"), "{err}");
+
+    // From the command line: a context beyond the model's is a clean error.
+    let m = common::tiny_model();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let f = dir.join("filler.txt");
+    std::fs::write(&f, &filler).unwrap();
+    let out = logquant(&[
+        "eval",
+        "--task",
+        "passkey",
+        "-m",
+        m.to_str().unwrap(),
+        "-f",
+        f.to_str().unwrap(),
+        "--contexts",
+        "4096",
+    ]);
+    assert_clean_failure(&out, "larger than the 2048");
 }
