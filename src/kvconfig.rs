@@ -125,6 +125,7 @@ impl KvConfig {
         let kind = parts.next().unwrap_or_default().to_ascii_lowercase();
         let make: fn(u32) -> Policy = match kind.as_str() {
             "logquant" => Policy::logquant,
+            "octaves" => Policy::octaves,
             "kivi" => Policy::kivi,
             "streaming" => Policy::streaming,
             _ => return None,
@@ -244,6 +245,7 @@ impl fmt::Display for KvConfig {
         if let Some(p) = self.policy {
             match p {
                 Policy::LogQuant { .. } => write!(f, "logquant:D={}", p.dense_budget()),
+                Policy::Octaves { .. } => write!(f, "octaves:D={}", p.dense_budget()),
                 Policy::Kivi { .. } => write!(f, "kivi:D={}", p.dense_budget()),
                 Policy::Streaming { .. } => write!(f, "streaming:D={}", p.dense_budget()),
                 Policy::Q2 => write!(f, "q2:D=0"),
@@ -321,6 +323,8 @@ mod tests {
         assert_eq!(lq.to_string(), "logquant:D=384");
         assert_eq!(KvConfig::parse("logquant:W=42").unwrap().to_string(), "logquant:D=126");
         assert_eq!(KvConfig::parse("kivi:D=128").unwrap().policy, Some(Policy::Kivi { recent: 128 }));
+        let oct = KvConfig::parse("octaves:D=384").unwrap();
+        assert_eq!((oct.policy, oct.to_string()), (Some(Policy::Octaves { window: 128 }), "octaves:D=384".into()));
         assert_eq!(
             KvConfig::parse("streaming:d=128").unwrap().policy,
             Some(Policy::Streaming { sinks: 4, window: 124 })

@@ -28,6 +28,13 @@ pub enum Policy {
     /// Positions 0..`sinks` plus the most recent `window` tokens (StreamingLLM's
     /// attention sinks). `D = sinks + window`.
     Streaming { sinks: u32, window: u32 },
+    /// The newest `W` tokens, and older ones at the same count in every octave of
+    /// distance: a kept position at distance `d >= W` is a multiple of
+    /// `2^(floor(log2(d / W)) + shift)`, with `shift` the smallest (never decreasing)
+    /// that keeps at most `2W` older tokens. About `W / 2^shift` per octave, so the
+    /// density holds one count per octave where `LogQuant`'s halving falls faster.
+    /// Dense budget `D = 3W`.
+    Octaves { window: u32 },
     /// No full-precision token: everything at 2 bits. `D = 0`.
     Q2,
 }
@@ -42,6 +49,9 @@ impl Policy {
     pub fn logquant(d: u32) -> Policy {
         Policy::LogQuant { window: d / 3 }
     }
+    pub fn octaves(d: u32) -> Policy {
+        Policy::Octaves { window: d / 3 }
+    }
     pub fn kivi(d: u32) -> Policy {
         Policy::Kivi { recent: d }
     }
@@ -52,7 +62,7 @@ impl Policy {
     /// The most tokens this policy keeps at full precision at any time.
     pub fn dense_budget(&self) -> u32 {
         match *self {
-            Policy::LogQuant { window } => 3 * window,
+            Policy::LogQuant { window } | Policy::Octaves { window } => 3 * window,
             Policy::Kivi { recent } => recent,
             Policy::Streaming { sinks, window } => sinks + window,
             Policy::Q2 => 0,
@@ -64,6 +74,7 @@ impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Policy::LogQuant { window } => write!(f, "logquant:W={window}"),
+            Policy::Octaves { window } => write!(f, "octaves:W={window}"),
             Policy::Kivi { recent } => write!(f, "kivi:D={recent}"),
             Policy::Streaming { sinks, window } => write!(f, "streaming:D={}", sinks + window),
             Policy::Q2 => write!(f, "q2"),
@@ -83,11 +94,13 @@ pub struct Retention {
     /// Positions demoted by the cache that the policy would keep again after a
     /// rollback ([`Retention::truncate`]): their f16 copy is gone. Ascending.
     lost: Vec<Pos>,
+    /// `Octaves`: the stride exponent's offset (see [`Policy::Octaves`]).
+    shift: u32,
 }
 
 impl Retention {
     pub fn new(policy: Policy) -> Retention {
-        Retention { policy, len: 0, recent: Vec::new(), sparse: Vec::new(), lost: Vec::new() }
+        Retention { policy, len: 0, recent: Vec::new(), sparse: Vec::new(), lost: Vec::new(), shift: 0 }
     }
 
     /// Rolls the sequence back to its first `len` tokens (the cache removed the rest).
@@ -100,8 +113,15 @@ impl Retention {
         self.len = len;
         self.recent.retain(|&p| p < len);
         self.sparse.retain(|&p| p < len);
-        if !matches!(self.policy, Policy::LogQuant { .. }) {
-            self.window_update();
+        match self.policy {
+            Policy::LogQuant { .. } => {}
+            Policy::Octaves { window } => {
+                // The newest W again (those demoted meanwhile are `lost` below).
+                self.recent = (len.saturating_sub(window)..len).collect();
+                let first = self.recent.first().copied().unwrap_or(len);
+                self.sparse.retain(|&p| p < first);
+            }
+            _ => self.window_update(),
         }
         self.lost.retain(|&p| p < len);
         let wanted = self.full_precision();
@@ -143,7 +163,34 @@ impl Retention {
                     }
                 }
             }
+            Policy::Octaves { window: 0 } => {}
+            Policy::Octaves { window } => self.octaves_decode(p, window),
             Policy::Kivi { .. } | Policy::Streaming { .. } | Policy::Q2 => self.window_update(),
+        }
+    }
+
+    /// `Octaves`: `p` joins the newest W; the token that leaves them stays if its
+    /// position fits its stride; every older kept token is checked against its
+    /// (grown) stride, and the shift rises until at most 2W remain. A stride only
+    /// grows (distance and shift never fall), and a multiple of a larger power of two
+    /// is a multiple of every smaller one, so a dropped position is never wanted again.
+    fn octaves_decode(&mut self, p: Pos, window: u32) {
+        self.recent.push(p);
+        if self.recent.len() > window as usize {
+            let left = self.recent.remove(0);
+            self.sparse.push(left);
+        }
+        let newest = self.len - 1;
+        loop {
+            let shift = self.shift;
+            self.sparse.retain(|&q| {
+                let octave = ((newest - q) / window).max(1).ilog2();
+                u64::from(q) % (1u64 << (octave + shift).min(63)) == 0
+            });
+            if self.sparse.len() <= 2 * window as usize {
+                break;
+            }
+            self.shift += 1;
         }
     }
 
@@ -152,6 +199,12 @@ impl Retention {
     /// decoding one by one would from N = 3W on; the window policies have no such
     /// difference. On a non-empty sequence this decodes the tokens one by one.
     pub fn prefill(&mut self, n: u32) {
+        if let Policy::Octaves { .. } = self.policy {
+            for _ in 0..n {
+                self.decode();
+            }
+            return;
+        }
         let Policy::LogQuant { window } = self.policy else {
             self.len += n;
             self.window_update();
@@ -191,7 +244,7 @@ impl Retention {
             Policy::Kivi { recent } => (0, recent),
             Policy::Streaming { sinks, window } => (sinks, window),
             Policy::Q2 => (0, 0),
-            Policy::LogQuant { .. } => unreachable!("LogQuant has its own rule"),
+            Policy::LogQuant { .. } | Policy::Octaves { .. } => unreachable!("these have their own rules"),
         };
         let start = len.saturating_sub(window).max(sinks.min(len));
         self.sparse = (0..sinks.min(len)).collect();

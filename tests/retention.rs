@@ -43,6 +43,15 @@ fn check_step(r: &Retention, before: &[Pos]) -> Result<(), TestCaseError> {
                 prop_assert!(c <= 2 * window as usize, "band {k} holds {c}");
             }
         }
+        Policy::Octaves { window } => {
+            let newest: Vec<Pos> = (len.saturating_sub(window)..len).collect();
+            prop_assert!(newest.iter().all(|p| kept.binary_search(p).is_ok()), "newest W kept");
+            // A band [W 2^k, W 2^(k+1)) keeps multiples of one power of two of at least
+            // 2^k: at most W + 1 of them.
+            for (k, &c) in band_counts(&kept, len, window.max(1)).iter().enumerate() {
+                prop_assert!(c <= window as usize + 1, "band {k} holds {c}");
+            }
+        }
         Policy::Kivi { recent } => {
             prop_assert_eq!(kept, (len.saturating_sub(recent)..len).collect::<Vec<_>>());
         }
@@ -59,6 +68,7 @@ fn check_step(r: &Retention, before: &[Pos]) -> Result<(), TestCaseError> {
 fn policies() -> impl Strategy<Value = Policy> {
     prop_oneof![
         (0u32..40).prop_map(|w| Policy::LogQuant { window: w }),
+        (0u32..40).prop_map(|w| Policy::Octaves { window: w }),
         (0u32..120).prop_map(Policy::kivi),
         (0u32..120).prop_map(Policy::streaming),
         Just(Policy::Q2),
@@ -139,4 +149,24 @@ fn logquant_density_falls_off_with_distance() {
     assert_eq!(kept.len(), 3 * w as usize);
     assert!(bands[0] >= bands[1] && bands[1] >= bands[2] && bands[2] > 0, "{bands:?}");
     assert_eq!(kept[0], 0, "the first sparse position survives every halving");
+}
+
+/// The octaves rule holds the log density: after 20000 steps at W = 16 every full
+/// octave of distance keeps about the same count (within a factor of 2), and the
+/// budget is used at least half.
+#[test]
+fn octaves_keep_the_same_count_in_every_octave() {
+    let w = 16;
+    let mut r = Retention::new(Policy::Octaves { window: w });
+    for _ in 0..20_000 {
+        r.decode();
+    }
+    let kept = r.full_precision();
+    let bands = band_counts(&kept, r.len(), w);
+    eprintln!("kept per octave of distance (W = {w}): {:?}", &bands[..12]);
+    // Octaves [16 2^k, 16 2^(k+1)) that lie wholly inside 20000 tokens: k = 0..=9.
+    let full = &bands[..10];
+    let (lo, hi) = (*full.iter().min().unwrap(), *full.iter().max().unwrap());
+    assert!(lo > 0 && hi <= 2 * lo, "{full:?}");
+    assert!(kept.len() <= 3 * w as usize && kept.len() >= 3 * w as usize / 2, "{} kept", kept.len());
 }
