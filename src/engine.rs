@@ -22,7 +22,12 @@ pub struct TwoTierSizes {
     pub per_seq: u32,
     /// Overlay slots per stream: the budget plus `per_seq`.
     pub slots: u32,
-    /// llama.cpp's n_batch = n_ubatch: `per_seq`, or one token per sequence if more.
+    /// llama.cpp's n_ubatch: `per_seq`, or one token per sequence if more.
+    pub n_ubatch: u32,
+    /// llama.cpp's n_batch: one micro-batch, or up to `per_seq` tokens of every sequence
+    /// within [`ContextConfig::two_tier_batch`] (a call then runs several micro-batches;
+    /// the policy runs after the call, and each stream's overlay still gets at most
+    /// `per_seq` new tokens per call).
     pub n_batch: u32,
 }
 
@@ -82,6 +87,10 @@ pub struct ContextConfig {
     pub threads: i32,
     pub kv: KvConfig,
     pub flash_attn: FlashAttn,
+    /// Two-tier contexts: the most tokens one decode call may carry over all sequences
+    /// (0: one micro-batch). The server uses it so that prompts of many sequences
+    /// prefill together; micro-batches, and with them compute buffers, do not grow.
+    pub two_tier_batch: u32,
 }
 
 impl ContextConfig {
@@ -97,7 +106,7 @@ impl ContextConfig {
     /// The micro-batch llama.cpp will use for this configuration.
     pub fn n_ubatch_for(cfg: &ContextConfig) -> u32 {
         match LoadedModel::two_tier_sizes(cfg) {
-            Some(t) => t.n_batch,
+            Some(t) => t.n_ubatch,
             None => cfg.n_ubatch.min(cfg.n_batch),
         }
     }
@@ -111,6 +120,7 @@ impl ContextConfig {
             threads: default_threads(),
             kv: KvConfig::F16,
             flash_attn: FlashAttn::Auto,
+            two_tier_batch: 0,
         }
     }
 }
@@ -150,10 +160,13 @@ impl LoadedModel {
         let per_seq = cfg.n_ubatch.min(cfg.n_batch).clamp(1, TWO_TIER_MAX_UBATCH);
         // D = 0 is q2 through the two-tier kernels: no slot, not even for new tokens.
         let budget = policy.dense_budget();
+        let n_ubatch = per_seq.max(cfg.n_seq);
+        let wide = cfg.two_tier_batch.min(per_seq.saturating_mul(cfg.n_seq));
         Some(TwoTierSizes {
             per_seq,
             slots: if budget == 0 { 0 } else { budget + per_seq },
-            n_batch: per_seq.max(cfg.n_seq),
+            n_ubatch,
+            n_batch: wide.max(n_ubatch),
         })
     }
 
@@ -248,7 +261,7 @@ impl LoadedModel {
         let Some(sizes) = LoadedModel::two_tier_sizes(cfg) else {
             return Ok(Session::plain(Context::new(&self.model, &p)?));
         };
-        p.n_ubatch = p.n_batch;
+        p.n_ubatch = sizes.n_ubatch;
         p.flash_attn = FlashAttn::On;
         let mut ctx = Context::new(&self.model, &p)?;
         // A no_alloc context only sizes buffers (crate::plan adds the overlay's bytes).

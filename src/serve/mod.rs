@@ -85,6 +85,9 @@ pub fn serve(opts: &ServeOptions, on_start: impl FnOnce(&Startup)) -> Result<(),
     cfg.kv = opts.kv;
     cfg.threads = opts.threads;
     cfg.flash_attn = opts.flash_attn;
+    // A step carries up to 512 tokens (llama.cpp's default micro-batch), in micro-batches
+    // of the configuration's own size: prompts of many sequences prefill together.
+    cfg.two_tier_batch = 512;
     let (parallel, why) = match opts.capacity {
         Capacity::Parallel(n) if n == 0 || n > LLAMA_MAX_SEQ => {
             return Err(ServeError::Setup(format!("--parallel must be within 1..={LLAMA_MAX_SEQ}, not {n}")));
