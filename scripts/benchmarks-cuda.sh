@@ -9,6 +9,8 @@
 #                                     that batch per cache type (the check that it runs)
 #   scripts/benchmarks-cuda.sh eval   the real model: eval on the GPU and on the CPU, same
 #                                     text and configurations (TOKENS, default 2048)
+#   scripts/benchmarks-cuda.sh serve  logquant serve under load in one memory budget (BUDGET,
+#                                     default 60GiB; CTX 16384; scripts/benchmarks-serve.sh)
 #   scripts/benchmarks-cuda.sh copy   the card's device-to-device copy bandwidth (PyTorch)
 #
 # Environment: BIN (default target/release/logquant, built with --features cuda), MODEL
@@ -65,6 +67,15 @@ eval)
     cat "$OUT/eval-$where.txt"
   done
   ;;
+serve)
+  # logquant serve under load at one memory budget (scripts/benchmarks-serve.sh), per type
+  model
+  for kv in ${KVS:-f16 q4_0 logquant}; do
+    MODEL=$MODEL BIN=$BIN NGL=99 KVS=$kv BUDGET=${BUDGET:-60GiB} CTX=${CTX:-16384} \
+      CLIENTS=${CLIENTS:-128} REQUESTS=${REQUESTS:-128} WORDS=${WORDS:-1500} GEN=${GEN:-128} \
+      OUT="$OUT/serve" timeout "${EACH:-170}" scripts/benchmarks-serve.sh || echo "serve $kv: failed or timed out"
+  done
+  ;;
 copy)
   python3 - <<'PY' | tee "$OUT/copy-bandwidth.txt"
 import torch
@@ -79,5 +90,5 @@ print(f"{torch.cuda.get_device_name()}: device-to-device copy of 4 GiB: {ms:.3f}
       f"{2 * x.numel() / (ms * 1e-3) / 1e9:.0f} GB/s counting bytes read and written")
 PY
   ;;
-*) sed -n '2,18p' "$0"; exit 2 ;;
+*) sed -n '2,20p' "$0"; exit 2 ;;
 esac

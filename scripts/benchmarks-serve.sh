@@ -20,13 +20,25 @@ NGL="${NGL:-0}"
 OUT="${OUT:-docs/results/cpu/serve}"
 PORT="${PORT:-18080}"
 mkdir -p "$OUT"
+pid=""; load=""
+# Stopped early (timeout, Ctrl-C): take the server and the load generator down too.
+trap 'exit 1' TERM INT
+trap 'kill -9 $pid $load 2>/dev/null || true' EXIT
 for kv in $KVS; do
   log="$OUT/serve-$kv.log"
+  rm -f "$OUT/serve-$kv.json"
   "$BIN" serve -m "$MODEL" --kv "$kv" -c "$CTX" --memory "$BUDGET" --ngl "$NGL" --port "$PORT" --queue 1024 2>"$log" &
   pid=$!
   for _ in $(seq 600); do grep -q "listening on" "$log" && break; kill -0 $pid 2>/dev/null || { cat "$log"; exit 1; }; sleep 0.5; done
   grep "listening on" "$log"
   python3 scripts/serve-load.py --url "http://127.0.0.1:$PORT" --clients "$CLIENTS" --requests "$REQUESTS" \
-    --prompt-words "$WORDS" --max-tokens "$GEN" --label "$kv" --json "$OUT/serve-$kv.json" 2>/dev/null | tail -1
-  kill -TERM $pid; wait $pid
+    --prompt-words "$WORDS" --max-tokens "$GEN" --label "$kv" --json "$OUT/serve-$kv.json" \
+    > "$OUT/serve-$kv.txt" 2> "$OUT/serve-$kv-load.log" &
+  load=$!
+  status=0; wait $load || status=$?
+  load=""
+  [ $status -eq 0 ] || echo "serve-load for $kv: not every request completed (exit $status; $OUT/serve-$kv-load.log)"
+  tail -1 "$OUT/serve-$kv.txt"
+  kill -TERM $pid; wait $pid || true
+  pid=""
 done

@@ -109,7 +109,12 @@ def main():
                 if i >= a.requests:
                     return
                 next_i[0] += 1
-            res = one_request(a.url, a.api_key, i, a.prompt_words, a.max_tokens)
+            try:
+                res = one_request(a.url, a.api_key, i, a.prompt_words, a.max_tokens)
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                res = {"status": f"error: {e}"}
+            if res["status"] == 200 and not res.get("usage"):
+                res["status"] = "error: the stream ended without a usage chunk"
             with lock:
                 results.append(res)
                 done = len(results)
@@ -124,7 +129,7 @@ def main():
     wall = time.perf_counter() - t0
     after = metrics(a.url)
 
-    ok = [r for r in results if r["status"] == 200 and r["usage"]]
+    ok = [r for r in results if r["status"] == 200]
     gen = sum(r["usage"]["completion_tokens"] for r in ok)
     prompt_tokens = [r["usage"]["prompt_tokens"] for r in ok]
     ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
@@ -136,7 +141,8 @@ def main():
         "clients": a.clients,
         "requests": a.requests,
         "completed": len(ok),
-        "refused": sum(1 for r in results if r["status"] != 200),
+        "refused": sum(1 for r in results if isinstance(r["status"], int) and r["status"] != 200),
+        "errors": sorted({r["status"] for r in results if isinstance(r["status"], str)}),
         "prompt_tokens_mean": statistics.mean(prompt_tokens) if prompt_tokens else None,
         "generated_tokens": gen,
         "wall_seconds": wall,

@@ -110,6 +110,11 @@ impl Retention {
         if len >= self.len {
             return;
         }
+        if len == 0 {
+            // Nothing left: a new sequence (the octaves' shift starts again too).
+            *self = Retention::new(self.policy);
+            return;
+        }
         self.len = len;
         self.recent.retain(|&p| p < len);
         self.sparse.retain(|&p| p < len);

@@ -8,8 +8,9 @@
 //!   it (at least `min_prefix` tokens); exact match of the generated line.
 //!
 //! Prompts are fed in chunks at fixed positions (`chunk` tokens: one two-tier
-//! micro-batch, or 512), so a configuration's result does not depend on how many
-//! sequences share its context.
+//! micro-batch, or 512). In the lines task the reading sequence also stops at each
+//! scored line's start, so its chunks depend on which lines are scored (the same for
+//! every configuration).
 
 use std::time::Instant;
 
@@ -67,6 +68,8 @@ pub struct LinesRow {
     pub first_prefix_tokens: usize,
     pub last_prefix_tokens: usize,
     pub seconds: f64,
+    /// The generated line for each scored line, in order.
+    pub answers: Vec<String>,
 }
 
 fn input(msg: String) -> EngineError {
@@ -88,6 +91,9 @@ fn feed(
     tokens: &[Token],
     from: usize,
 ) -> Result<usize, EngineError> {
+    if from >= tokens.len() {
+        return Err(input(format!("nothing to feed: position {from} of {} tokens", tokens.len())));
+    }
     let chunk = chunk_for(session);
     let mut p = from;
     let mut last = 0;
@@ -154,13 +160,22 @@ fn context_for<'m>(
 
 /// A deterministic 5-digit key per trial.
 fn passkey(seed: u64, context: usize, depth: u32, trial: usize) -> u32 {
-    let mut x = seed ^ (context as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (u64::from(depth) << 32) ^ trial as u64;
+    let mut x = (seed
+        ^ (context as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (u64::from(depth) << 32)
+        ^ (trial as u64).wrapping_mul(0xD1B5_4A32_D192_ED03))
+    .max(1); // xorshift's state must not be 0
     for _ in 0..3 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
     }
     10_000 + (x % 90_000) as u32
+}
+
+/// Whether `answer` holds a whole 5-digit number (a digit run at its end may go on).
+fn answered(answer: &str) -> bool {
+    first_five_digits(answer.trim_end_matches(|c: char| c.is_ascii_digit())).is_some()
 }
 
 /// The first run of exactly five digits in `answer`.
@@ -265,7 +280,7 @@ pub fn passkey_task(
                     session.clear();
                     let row = feed(&mut session, &mut batch, 0, &prompt, 0)?;
                     let answer = greedy(&mut session, &mut batch, 0, prompt.len(), row, PASSKEY_ANSWER_TOKENS, |b| {
-                        first_five_digits(&String::from_utf8_lossy(b)).is_some()
+                        answered(&String::from_utf8_lossy(b))
                     })?;
                     correct += (first_five_digits(&String::from_utf8_lossy(&answer)) == Some(key)) as usize;
                     progress.advance(prompt.len());
@@ -307,6 +322,9 @@ pub fn line_targets(
     n: usize,
     min_prefix: usize,
 ) -> Result<(Vec<Token>, Vec<Target>), EngineError> {
+    if n == 0 {
+        return Err(input("--lines must be at least 1".into()));
+    }
     let m = &model.model;
     let all = m.tokenize(text, true)?;
     let starts: Vec<usize> = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
@@ -368,6 +386,7 @@ pub fn lines_task(
         let mut batch = Batch::new(chunk_for(&session))?;
         let mut fed = 0;
         let mut exact = 0;
+        let mut answers = Vec::new();
         for t in &targets {
             let row = feed(&mut session, &mut batch, 0, &tokens[..t.prefix_tokens], fed)?;
             fed = t.prefix_tokens;
@@ -377,7 +396,10 @@ pub fn lines_task(
                 greedy(&mut session, &mut batch, 1, t.prefix_tokens, row, LINE_MAX_TOKENS, |b| b.contains(&b'\n'))?;
             session.remove(1, 0, -1)?;
             let answer = String::from_utf8_lossy(&answer);
-            exact += (answer.split('\n').next() == Some(t.line.as_str())) as usize;
+            let line = answer.split('\n').next().unwrap_or("");
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            exact += (line == t.line) as usize;
+            answers.push(line.to_string());
             progress.advance(1);
         }
         rows.push(LinesRow {
@@ -388,6 +410,7 @@ pub fn lines_task(
             first_prefix_tokens: targets[0].prefix_tokens,
             last_prefix_tokens: last,
             seconds: t0.elapsed().as_secs_f64(),
+            answers,
         });
     }
     progress.finish();
@@ -400,6 +423,9 @@ mod tests {
 
     #[test]
     fn five_digit_answers() {
+        assert!(answered(" 12345."));
+        assert!(!answered(" 12345"), "the number may go on");
+        assert!(!answered(" 1234"));
         assert_eq!(first_five_digits(" 12345."), Some(12345));
         assert_eq!(first_five_digits("is 123456 or 54321"), Some(54321));
         assert_eq!(first_five_digits("1234"), None);

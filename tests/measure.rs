@@ -7,8 +7,10 @@ use common::{assert_clean_failure, logquant};
 use logquant::bench::{self, BenchOptions};
 use logquant::engine::{self, ContextConfig};
 use logquant::eval::{self, EvalOptions};
+use logquant::generate::{generate, GenerateParams};
 use logquant::gguf::{KvCacheParams, KvCacheType};
 use logquant::kvconfig::KvConfig;
+use logquant::llama::SamplerParams;
 use logquant::llama::{Batch, ModelParams};
 use logquant::plan::{self, PlanOptions};
 use logquant::progress::Progress;
@@ -239,11 +241,27 @@ fn lines_task_scores_lines_after_the_prefix_deterministically() {
     }
     let opts = tasks::LinesOptions { lines: 8, min_prefix: 200, context: ContextConfig::new(0) };
     let configs = kv("f16,logquant:D=48");
-    let a = tasks::lines_task(&model, &text, &configs, &opts, &mut Progress::hidden()).unwrap();
-    let b = tasks::lines_task(&model, &text, &configs[..1], &opts, &mut Progress::hidden()).unwrap();
-    assert_eq!(a.len(), 2);
-    assert!(a.iter().all(|r| r.lines == 8 && r.exact <= 8 && r.first_prefix_tokens >= 200));
-    assert_eq!(a[0].exact, b[0].exact, "greedy f16 answers are deterministic");
+    let rows = tasks::lines_task(&model, &text, &configs, &opts, &mut Progress::hidden()).unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, &config) in rows.iter().zip(&configs) {
+        assert_eq!((row.lines, row.answers.len(), row.first_prefix_tokens), (8, 8, targets[0].prefix_tokens));
+        let exact = row.answers.iter().zip(&targets).filter(|(a, t)| **a == t.line).count();
+        assert_eq!(row.exact, exact);
+        // The first line's answer (a copy of the reading sequence, continued from its
+        // last logits) equals greedy generation on a fresh context fed the same chunks.
+        let mut cfg = ContextConfig::new(1024);
+        cfg.kv = config;
+        (cfg.n_batch, cfg.n_ubatch) = (512, 512);
+        let mut ctx = model.new_context(&cfg).unwrap();
+        let params = GenerateParams {
+            n_predict: 64,
+            sampler: SamplerParams { temperature: 0.0, top_k: 40, top_p: 0.95, seed: 0 },
+        };
+        let mut text_out = String::new();
+        generate(&mut ctx, &tokens[..targets[0].prefix_tokens], &params, |t| text_out.push_str(t)).unwrap();
+        let first = text_out.split('\n').next().unwrap();
+        assert_eq!(row.answers[0], first, "{config}");
+    }
 
     let err = tasks::line_targets(&model, &text, 1000, 200).unwrap_err().to_string();
     assert!(err.contains("fewer than the 1000 asked for"), "{err}");

@@ -170,3 +170,21 @@ fn octaves_keep_the_same_count_in_every_octave() {
     assert!(lo > 0 && hi <= 2 * lo, "{full:?}");
     assert!(kept.len() <= 3 * w as usize && kept.len() >= 3 * w as usize / 2, "{} kept", kept.len());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// A sequence rolled back to nothing is a new sequence: the server reuses them.
+    #[test]
+    fn truncating_to_zero_starts_afresh(policy in policies(), first in 0u32..2000, second in 0u32..300) {
+        let mut r = Retention::new(policy);
+        r.prefill(first);
+        r.truncate(0, &[]);
+        let mut fresh = Retention::new(policy);
+        for _ in 0..second {
+            r.decode();
+            fresh.decode();
+        }
+        prop_assert_eq!(r, fresh);
+    }
+}
