@@ -22,12 +22,12 @@ pub struct TwoTierSizes {
     pub per_seq: u32,
     /// Overlay slots per stream: the budget plus `per_seq`.
     pub slots: u32,
-    /// llama.cpp's n_ubatch: `per_seq`, or one token per sequence if more.
+    /// llama.cpp's n_ubatch: `per_seq`, or one token per sequence if more; or, with
+    /// [`ContextConfig::two_tier_batch`], up to `per_seq` tokens of every sequence within
+    /// it (each stream's overlay still gets at most `per_seq` new tokens per call, and the
+    /// policy runs after the call).
     pub n_ubatch: u32,
-    /// llama.cpp's n_batch: one micro-batch, or up to `per_seq` tokens of every sequence
-    /// within [`ContextConfig::two_tier_batch`] (a call then runs several micro-batches;
-    /// the policy runs after the call, and each stream's overlay still gets at most
-    /// `per_seq` new tokens per call).
+    /// llama.cpp's n_batch: the same (one micro-batch per call).
     pub n_batch: u32,
 }
 
@@ -87,9 +87,10 @@ pub struct ContextConfig {
     pub threads: i32,
     pub kv: KvConfig,
     pub flash_attn: FlashAttn,
-    /// Two-tier contexts: the most tokens one decode call may carry over all sequences
-    /// (0: one micro-batch). The server uses it so that prompts of many sequences
-    /// prefill together; micro-batches, and with them compute buffers, do not grow.
+    /// Two-tier contexts: the most tokens one decode call (one micro-batch) may carry
+    /// over all sequences (0: `per_seq`, or one per sequence). The server uses it so that
+    /// prompts of many sequences prefill together, in micro-batches as wide as a stock
+    /// cache's; the compute buffers grow with it (the memory plan counts them).
     pub two_tier_batch: u32,
 }
 
@@ -160,13 +161,16 @@ impl LoadedModel {
         let per_seq = cfg.n_ubatch.min(cfg.n_batch).clamp(1, TWO_TIER_MAX_UBATCH);
         // D = 0 is q2 through the two-tier kernels: no slot, not even for new tokens.
         let budget = policy.dense_budget();
-        let n_ubatch = per_seq.max(cfg.n_seq);
-        let wide = cfg.two_tier_batch.min(per_seq.saturating_mul(cfg.n_seq));
+        // One micro-batch per call: per_seq tokens, or one per sequence if more; wider
+        // calls (the server) run micro-batches of that width, each sequence's tokens still
+        // at most per_seq per call.
+        let one = per_seq.max(cfg.n_seq);
+        let wide = cfg.two_tier_batch.min(per_seq.saturating_mul(cfg.n_seq)).max(one);
         Some(TwoTierSizes {
             per_seq,
             slots: if budget == 0 { 0 } else { budget + per_seq },
-            n_ubatch,
-            n_batch: wide.max(n_ubatch),
+            n_ubatch: wide,
+            n_batch: wide,
         })
     }
 

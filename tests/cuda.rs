@@ -224,25 +224,29 @@ fn tokens(n: usize, n_vocab: usize, salt: usize) -> Vec<i32> {
 /// Three sequences of different lengths decoded together in steps (prefill chunks,
 /// then single tokens), every position's logits.
 fn run_three(model: &LoadedModel, kv: &str) -> Vec<Vec<f32>> {
-    run_n(model, kv, 3)
+    run_n(model, kv, 3, false)
 }
 
-fn run_n(model: &LoadedModel, kv: &str, n_seq: usize) -> Vec<Vec<f32>> {
+/// With `wide`, as the server runs it: a call (one micro-batch) carries up to 48 tokens
+/// of every sequence (`ContextConfig::two_tier_batch`); else 48 tokens in all.
+fn run_n(model: &LoadedModel, kv: &str, n_seq: usize, wide: bool) -> Vec<Vec<f32>> {
     let mut cfg = ContextConfig::new(1024);
     cfg.kv = KvConfig::parse(kv).unwrap();
     cfg.n_seq = n_seq as u32;
     cfg.n_batch = 48;
     cfg.n_ubatch = 48;
+    cfg.two_tier_batch = if wide { 512 } else { 0 };
+    let per_step = if wide { 48 } else { 16 };
     let mut ctx = model.new_context(&cfg).unwrap();
     let n_vocab = model.model.n_vocab();
     let seqs: Vec<Vec<i32>> = (0..n_seq).map(|s| tokens(200 + 30 * s, n_vocab, s)).collect();
-    let mut batch = Batch::new(48).unwrap();
+    let mut batch = Batch::new(48 * n_seq).unwrap();
     let mut out = Vec::new();
     let mut pos = vec![0usize; n_seq];
     loop {
         batch.clear();
         for (s, toks) in seqs.iter().enumerate() {
-            let step = if pos[s] < 120 { 16 } else { 1 };
+            let step = if pos[s] < 120 { per_step } else { 1 };
             for _ in 0..step {
                 if pos[s] < toks.len() {
                     batch.add(toks[pos[s]], pos[s] as i32, s as i32, true).unwrap();
@@ -293,6 +297,10 @@ fn a_model_on_cuda_matches_the_cpu_with_several_sequences() {
         assert!(lq.0 < 1e-3 && lq.1 < 1e-2, "{kv} CPU vs CUDA: {lq:?}");
         assert!(lq.0 < q2_gap.0 / 10.0, "{kv}: CPU vs CUDA should be far below what the 2-bit cache itself costs");
     }
+    // The server's wide micro-batches (48 tokens of each of 3 sequences in one).
+    let wide = kld(&run_n(&cpu, "logquant:D=24", 3, true), &run_n(&gpu, "logquant:D=24", 3, true));
+    eprintln!("CPU vs CUDA mean/max KLD, wide micro-batches: {wide:?}");
+    assert!(wide.0 < 1e-3 && wide.1 < 1e-2, "wide micro-batches, CPU vs CUDA: {wide:?}");
 }
 
 /// Not a check: the attention op alone on the GPU at the decode shapes of Llama 3 8B

@@ -2,9 +2,9 @@
 //! batching over its sequences.
 //!
 //! Each step builds one batch: one token for every sequence that is generating, then
-//! prompt chunks of the sequences still prefilling (taken in turn, so a long prompt
-//! shares the steps with the others instead of stalling them), within the context's
-//! batch size. A prompt is split into the same chunks under any load, so at
+//! one prompt chunk of each sequence still prefilling, oldest request first (a long
+//! prompt takes one chunk per step, so it shares the steps with the others instead of
+//! stalling them), within the context's batch size. A prompt is split into the same chunks under any load, so at
 //! temperature 0 an answer equals the one the request gets alone. After the decode, every sequence whose last token produced logits
 //! samples its next token. Requests wait in the bounded channel until a sequence is
 //! free; a request whose client went away (its event receiver dropped) frees its
@@ -104,7 +104,7 @@ pub fn run(
     // whatever else the step carries: the two-tier cache's state after a prompt depends
     // on where its decode calls split it (the policy runs after each), and so, at
     // temperature 0, does the answer. A chunk fits beside one token of every other
-    // sequence, so the first prefilling sequence in turn always gets its chunk.
+    // sequence, so the oldest prefilling sequence always gets its chunk.
     let chunk = layout
         .prefill_chunk
         .min(session.max_tokens_per_sequence())
@@ -120,7 +120,6 @@ pub fn run(
     let mut free: VecDeque<i32> = (0..layout.parallel as i32).collect();
     let mut slots: Vec<Slot> = Vec::new();
     let mut closed = false;
-    let mut turn = 0usize; // which prefilling sequence goes first this step
     let mut rate = 0.0f64;
     loop {
         // Admit waiting requests while sequences are free.
@@ -181,10 +180,8 @@ pub fn run(
                 }
             }
         }
-        let n = slots.len();
-        for k in 0..n {
-            let i = (turn + k) % n;
-            let s = &mut slots[i];
+        // Slots are in admission order: the oldest requests get their first token first.
+        for (i, s) in slots.iter_mut().enumerate() {
             if s.next.is_some() || s.prefilled == s.job.prompt.len() {
                 continue;
             }
@@ -204,7 +201,6 @@ pub fn run(
             s.prefilled += take;
             prefill_tokens += take;
         }
-        turn = turn.wrapping_add(1);
         if batch.is_empty() {
             continue;
         }
