@@ -88,6 +88,9 @@ struct ServeArgs {
     /// Layers to offload to the GPU (-1 = all); ignored by a CPU-only build.
     #[arg(long = "gpu-layers", visible_alias = "ngl", default_value_t = -1, allow_negative_numbers = true)]
     gpu_layers: i32,
+    /// Tokens per micro-batch: larger prefills faster, smaller leaves memory for more sequences.
+    #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
+    ubatch_size: u32,
     /// Show llama.cpp's own log on stderr.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
@@ -441,6 +444,7 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
         gpu_layers: args.gpu_layers,
         threads: args.threads.unwrap_or_else(engine::default_threads),
         flash_attn: flash_attn(args.flash_attn),
+        ubatch: args.ubatch_size,
     };
     serve::serve(&opts, |s| {
         eprintln!(

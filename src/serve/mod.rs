@@ -57,6 +57,10 @@ pub struct ServeOptions {
     pub gpu_layers: i32,
     pub threads: i32,
     pub flash_attn: FlashAttn,
+    /// Tokens per micro-batch (llama.cpp's n_ubatch; for the two-tier cache, over all
+    /// sequences, at most 64 of each): larger prefills faster, smaller leaves more memory
+    /// for sequences (the compute buffers grow with it).
+    pub ubatch: u32,
 }
 
 /// What the server found at startup (the line it prints says it too).
@@ -85,9 +89,11 @@ pub fn serve(opts: &ServeOptions, on_start: impl FnOnce(&Startup)) -> Result<(),
     cfg.kv = opts.kv;
     cfg.threads = opts.threads;
     cfg.flash_attn = opts.flash_attn;
-    // A step carries up to 512 tokens (llama.cpp's default micro-batch), in micro-batches
-    // of the configuration's own size: prompts of many sequences prefill together.
-    cfg.two_tier_batch = 512;
+    if opts.ubatch == 0 {
+        return Err(ServeError::Setup("--ubatch-size must be at least 1".into()));
+    }
+    cfg.n_ubatch = opts.ubatch;
+    cfg.two_tier_batch = opts.ubatch;
     let (parallel, why) = match opts.capacity {
         Capacity::Parallel(n) if n == 0 || n > LLAMA_MAX_SEQ => {
             return Err(ServeError::Setup(format!("--parallel must be within 1..={LLAMA_MAX_SEQ}, not {n}")));
