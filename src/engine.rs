@@ -22,12 +22,10 @@ pub struct TwoTierSizes {
     pub per_seq: u32,
     /// Overlay slots per stream: the budget plus `per_seq`.
     pub slots: u32,
-    /// llama.cpp's n_ubatch: `per_seq`, or one token per sequence if more; or, with
-    /// [`ContextConfig::two_tier_batch`], up to `per_seq` tokens of every sequence within
-    /// it (each stream's overlay still gets at most `per_seq` new tokens per call, and the
-    /// policy runs after the call).
-    pub n_ubatch: u32,
-    /// llama.cpp's n_batch: the same (one micro-batch per call).
+    /// llama.cpp's n_batch, and n_ubatch too (one micro-batch per call): `per_seq`, or
+    /// one token per sequence if more; or, with [`ContextConfig::two_tier_batch`], up to
+    /// `per_seq` tokens of every sequence within it (each stream's overlay still gets at
+    /// most `per_seq` new tokens per call, and the policy runs after the call).
     pub n_batch: u32,
 }
 
@@ -107,7 +105,7 @@ impl ContextConfig {
     /// The micro-batch llama.cpp will use for this configuration.
     pub fn n_ubatch_for(cfg: &ContextConfig) -> u32 {
         match LoadedModel::two_tier_sizes(cfg) {
-            Some(t) => t.n_ubatch,
+            Some(t) => t.n_batch,
             None => cfg.n_ubatch.min(cfg.n_batch),
         }
     }
@@ -161,17 +159,9 @@ impl LoadedModel {
         let per_seq = cfg.n_ubatch.min(cfg.n_batch).clamp(1, TWO_TIER_MAX_UBATCH);
         // D = 0 is q2 through the two-tier kernels: no slot, not even for new tokens.
         let budget = policy.dense_budget();
-        // One micro-batch per call: per_seq tokens, or one per sequence if more; wider
-        // calls (the server) run micro-batches of that width, each sequence's tokens still
-        // at most per_seq per call.
         let one = per_seq.max(cfg.n_seq);
         let wide = cfg.two_tier_batch.min(per_seq.saturating_mul(cfg.n_seq)).max(one);
-        Some(TwoTierSizes {
-            per_seq,
-            slots: if budget == 0 { 0 } else { budget + per_seq },
-            n_ubatch: wide,
-            n_batch: wide,
-        })
+        Some(TwoTierSizes { per_seq, slots: if budget == 0 { 0 } else { budget + per_seq }, n_batch: wide })
     }
 
     /// Bytes of the KV cache this configuration allocates: the store, plus the overlay
@@ -265,7 +255,7 @@ impl LoadedModel {
         let Some(sizes) = LoadedModel::two_tier_sizes(cfg) else {
             return Ok(Session::plain(Context::new(&self.model, &p)?));
         };
-        p.n_ubatch = sizes.n_ubatch;
+        p.n_ubatch = sizes.n_batch;
         p.flash_attn = FlashAttn::On;
         let mut ctx = Context::new(&self.model, &p)?;
         // A no_alloc context only sizes buffers (crate::plan adds the overlay's bytes).
