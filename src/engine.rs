@@ -260,7 +260,7 @@ impl LoadedModel {
         let mut ctx = Context::new(&self.model, &p)?;
         // A no_alloc context only sizes buffers (crate::plan adds the overlay's bytes).
         if !self.params.no_alloc {
-            ctx.enable_overlay(sizes.slots, cfg.kv.center)?;
+            ctx.enable_overlay(sizes.slots, cfg.kv.center, cfg.kv.keys_by_channel)?;
         }
         let policy = cfg.kv.policy.expect("two-tier sizes imply a policy");
         Ok(Session::two_tier(ctx, policy, sizes.per_seq, cfg.kv.swa_recent))

@@ -12,8 +12,10 @@
 //! `k=TYPE` / `v=TYPE` give the store's K / V type (default lq2; any of llama.cpp's
 //! types runs on the CPU, the CUDA kernel runs lq2), and `center=kv|k|v|none` centers
 //! K and/or V per sequence before they are quantized (include/logquant.h,
-//! LOGQUANT_CENTER_K), and `swa=recent|same` chooses what the sliding-window layers
-//! keep (their newest D tokens, or the policy's set), e.g. `logquant:D=384:k=q4_0:center=k`.
+//! LOGQUANT_CENTER_K), `keys=channel` quantizes demoted keys by channel in groups of
+//! 64 tokens (KIVI; lq2 K store, CPU), and `swa=recent|same` chooses what the
+//! sliding-window layers keep (their newest D tokens, or the policy's set), e.g.
+//! `logquant:D=384:k=q4_0:center=k`.
 //!
 //! The default budget is D = 384 (LogQuant's W = 128): the newest 128 tokens and 256
 //! log-spaced older ones. It is 9% of a 4096-token context, and at 16384 tokens the
@@ -37,6 +39,10 @@ pub struct KvConfig {
     /// newest D tokens rather than the policy's set (`swa=recent`; `swa=same`: the
     /// policy's set everywhere). No effect on a model without such layers.
     pub swa_recent: bool,
+    /// Two-tier cache: keys by channel (KIVI; `keys=channel`): groups of 64 demoted
+    /// tokens are quantized per channel rather than per token (include/logquant.h,
+    /// LOGQUANT_KEYS_BY_CHANNEL). Needs the lq2 K store, on the CPU.
+    pub keys_by_channel: bool,
 }
 
 /// Per-sequence centering of the two-tier cache's K and V: each channel's offset,
@@ -93,13 +99,25 @@ pub fn cache_type_names() -> Vec<&'static str> {
 }
 
 impl KvConfig {
-    pub const F16: KvConfig =
-        KvConfig { k: KvCacheType::F16, v: KvCacheType::F16, policy: None, center: Centering::NONE, swa_recent: false };
-    pub const Q2: KvConfig =
-        KvConfig { k: KvCacheType::Lq2, v: KvCacheType::Lq2, policy: None, center: Centering::NONE, swa_recent: false };
+    pub const F16: KvConfig = KvConfig {
+        k: KvCacheType::F16,
+        v: KvCacheType::F16,
+        policy: None,
+        center: Centering::NONE,
+        swa_recent: false,
+        keys_by_channel: false,
+    };
+    pub const Q2: KvConfig = KvConfig {
+        k: KvCacheType::Lq2,
+        v: KvCacheType::Lq2,
+        policy: None,
+        center: Centering::NONE,
+        swa_recent: false,
+        keys_by_channel: false,
+    };
 
     pub fn new(k: KvCacheType, v: KvCacheType) -> KvConfig {
-        KvConfig { k, v, policy: None, center: Centering::NONE, swa_recent: false }
+        KvConfig { k, v, policy: None, center: Centering::NONE, swa_recent: false, keys_by_channel: false }
     }
 
     /// The two-tier cache: lq2 store plus the policy's f16 overlay.
@@ -110,6 +128,7 @@ impl KvConfig {
             policy: Some(policy),
             center: DEFAULT_CENTERING,
             swa_recent: DEFAULT_SWA_RECENT,
+            keys_by_channel: false,
         }
     }
 
@@ -161,6 +180,14 @@ impl KvConfig {
                 };
                 continue;
             }
+            if key == "KEYS" {
+                cfg.keys_by_channel = match value.to_ascii_lowercase().as_str() {
+                    "channel" => true,
+                    "token" => false,
+                    _ => return Some(Err(err(format!("keys takes channel or token, not '{value}'")))),
+                };
+                continue;
+            }
             if key == "CENTER" {
                 let Some(c) = Centering::parse(value) else {
                     return Some(Err(err(format!("center takes kv, k, v or none, not '{value}'"))));
@@ -177,13 +204,17 @@ impl KvConfig {
             cfg.policy = Some(match (key.as_str(), kind.as_str()) {
                 ("D", _) => make(n),
                 ("W", "logquant") => Policy::LogQuant { window: n.min(MAX_BUDGET / 3) },
-                _ => {
-                    return Some(Err(err(format!(
-                        "{kind} takes D=N{}, k=TYPE, v=TYPE, center=kv|k|v|none and swa=recent|same",
-                        if kind == "logquant" { " or W=N" } else { "" }
-                    ))))
-                }
+                _ => return Some(Err(err(format!(
+                    "{kind} takes D=N{}, k=TYPE, v=TYPE, center=kv|k|v|none, keys=channel|token and swa=recent|same",
+                    if kind == "logquant" { " or W=N" } else { "" }
+                )))),
             });
+        }
+        if cfg.keys_by_channel && cfg.k != KvCacheType::Lq2 {
+            return Some(Err(err(format!(
+                "keys=channel quantizes the lq2 K store by channel; drop k={} or keys=channel",
+                cfg.k.name()
+            ))));
         }
         Some(Ok(cfg))
     }
@@ -258,6 +289,9 @@ impl fmt::Display for KvConfig {
             }
             if self.center != DEFAULT_CENTERING {
                 write!(f, ":center={}", self.center.name())?;
+            }
+            if self.keys_by_channel {
+                write!(f, ":keys=channel")?;
             }
             if self.swa_recent != DEFAULT_SWA_RECENT {
                 write!(f, ":swa={}", if self.swa_recent { "recent" } else { "same" })?;
@@ -358,7 +392,18 @@ mod tests {
         assert_eq!(d.policy, Some(Policy::Kivi { recent: DEFAULT_BUDGET }));
         assert_eq!((d.v, d.center), (KvCacheType::Q8_0, Centering { k: true, v: true }));
         assert_eq!(KvConfig::parse("streaming:center=none").unwrap().center, Centering::NONE);
-        for bad in ["logquant:center=x", "logquant:k=q3_0", "logquant:D=5:center", "kivi:W=3:center=k"] {
+        let kc = KvConfig::parse("logquant:D=384:keys=channel").unwrap();
+        assert!(kc.keys_by_channel);
+        assert_eq!(kc.to_string(), "logquant:D=384:keys=channel");
+        assert!(!KvConfig::parse("logquant:keys=token").unwrap().keys_by_channel);
+        for bad in [
+            "logquant:center=x",
+            "logquant:k=q3_0",
+            "logquant:D=5:center",
+            "kivi:W=3:center=k",
+            "logquant:keys=row",
+            "logquant:k=q4_0:keys=channel",
+        ] {
             assert!(KvConfig::parse(bad).is_err(), "{bad}");
         }
         // single-tier caches are never centered

@@ -613,11 +613,12 @@ impl<'m> Context<'m> {
     }
 
     /// Adds LogQuant's f16 overlay of `n_slots` tokens per KV stream (logquant.h), with
-    /// K and/or V centered per stream as `center` says. Only on a fresh context with
+    /// K and/or V centered per stream as `center` says, and keys by channel if asked. Only on a fresh context with
     /// flash attention on.
-    pub fn enable_overlay(&mut self, n_slots: u32, center: Centering) -> Result<(), LlamaError> {
-        let flags =
-            if center.k { ffi::LOGQUANT_CENTER_K } else { 0 } | if center.v { ffi::LOGQUANT_CENTER_V } else { 0 };
+    pub fn enable_overlay(&mut self, n_slots: u32, center: Centering, keys_by_channel: bool) -> Result<(), LlamaError> {
+        let flags = if center.k { ffi::LOGQUANT_CENTER_K } else { 0 }
+            | if center.v { ffi::LOGQUANT_CENTER_V } else { 0 }
+            | if keys_by_channel { ffi::LOGQUANT_KEYS_BY_CHANNEL } else { 0 };
         overlay_result(unsafe { ffi::logquant_overlay_enable_flags(self.ptr.as_ptr(), n_slots, flags) }.into())
             .map(|_| ())
     }
@@ -665,6 +666,19 @@ impl<'m> Context<'m> {
             }
             out.resize(n, 0);
         }
+    }
+
+    /// The key of `seq`'s token at `pos` in model layer `layer`, as attention reads it:
+    /// from the 2-bit store (`from_store`; by channel where its group is held so) or
+    /// from the overlay's f16 copy. For tests of what the cache holds.
+    pub fn read_key(&mut self, seq: i32, layer: i32, pos: i32, from_store: bool) -> Result<Vec<f32>, LlamaError> {
+        self.check_seq(seq)?;
+        let mut out = vec![0f32; 1 << 16];
+        let n = overlay_result(unsafe {
+            ffi::logquant_seq_read_key(self.ptr.as_ptr(), seq, layer, pos, from_store, out.as_mut_ptr(), out.len())
+        })? as usize;
+        out.truncate(n);
+        Ok(out)
     }
 
     /// The overlay's capacity, use and misses; None when the context has no overlay.
@@ -996,6 +1010,9 @@ pub mod two_tier_kernel {
         pub slot_to_cell: &'a [i32],
         pub mask: &'a [f32],
         pub threads: usize,
+        /// Keys by channel: per group of 64 cells, whether `k_store` holds it by
+        /// channel (lq2::quantize_by_channel's layout); empty: none.
+        pub k_by_channel: &'a [bool],
     }
 
     /// The attention output [tokens][heads][dim], from the CPU kernel.
@@ -1044,6 +1061,9 @@ pub mod two_tier_kernel {
         if out.len() != c.q.len() {
             return bad("output has the wrong length");
         }
+        if !c.k_by_channel.is_empty() && (c.n_kv % 64 != 0 || c.k_by_channel.len() != c.n_kv / 64) {
+            return bad("k_by_channel needs one flag per 64 cells");
+        }
         let i32_of = |n: usize| i32::try_from(n).map_err(|_| LlamaError::InvalidArgument(format!("{n} is too large")));
         Ok(ffi::logquant_attn_case {
             head_dim: i32_of(c.head_dim)?,
@@ -1062,6 +1082,8 @@ pub mod two_tier_kernel {
             mask: c.mask.as_ptr(),
             n_threads: i32_of(c.threads.max(1))?,
             out: out.as_mut_ptr(),
+            // bool is one byte of 0 or 1 in Rust, what the C side reads as uint8_t
+            k_by_channel: if c.k_by_channel.is_empty() { std::ptr::null() } else { c.k_by_channel.as_ptr().cast() },
         })
     }
 }

@@ -99,6 +99,21 @@ pub fn dequantize(blocks: &[u8]) -> Vec<f32> {
     out
 }
 
+/// Keys by channel (ggml-lq2.h): 64 rows of `n` values (row-major) as one group of
+/// `n` blocks, block j holding channel j of the 64 rows (value t = row t).
+pub fn quantize_by_channel(rows: &[f32], n: usize) -> Vec<u8> {
+    assert_eq!(rows.len(), BLOCK_VALUES * n, "a group is 64 rows");
+    let columns: Vec<f32> = (0..n).flat_map(|j| (0..BLOCK_VALUES).map(move |t| rows[t * n + j])).collect();
+    quantize(&columns)
+}
+
+/// The 64 rows of `n` values (row-major) a group held by channel decodes to.
+pub fn dequantize_by_channel(group: &[u8], n: usize) -> Vec<f32> {
+    let columns = dequantize(group);
+    assert_eq!(columns.len(), BLOCK_VALUES * n, "a group is n blocks");
+    (0..BLOCK_VALUES).flat_map(|t| (0..n).map(|j| columns[j * BLOCK_VALUES + t]).collect::<Vec<_>>()).collect()
+}
+
 /// The largest error the format allows for one value `x` of a block holding minimum
 /// `m` and step `d` (as dequantized): half a step inside the levels' range [m, m + 3d],
 /// the distance to the range outside it (the least-squares fit clips extremes), plus
@@ -128,6 +143,21 @@ mod tests {
         let x: Vec<f32> = (0..64).map(|i| (i % 4) as f32).collect();
         assert_eq!(dequantize(&quantize(&x)), x);
         assert_eq!(quantize(&x).len(), BLOCK_BYTES);
+    }
+
+    #[test]
+    fn by_channel_transposes_the_group() {
+        // every channel constant over the 64 rows, the channels far apart: by channel
+        // each block is constant and decodes to the f16 value exactly (by row, each
+        // block would span the channels' whole range)
+        let n = 128;
+        let rows: Vec<f32> = (0..64 * n).map(|i| (i % n) as f32 * 0.37 - 20.0).collect();
+        let group = quantize_by_channel(&rows, n);
+        assert_eq!(group.len(), n * BLOCK_BYTES);
+        let back = dequantize_by_channel(&group, n);
+        for (a, b) in rows.iter().zip(&back) {
+            assert_eq!(*b, f16_bits_to_f32(f32_to_f16_bits(*a)));
+        }
     }
 
     #[test]

@@ -56,6 +56,12 @@ impl<'m> Session<'m> {
         self.retention.as_ref()?.get(usize::try_from(seq).ok()?)
     }
 
+    /// The key of `seq`'s token at `pos` in `layer`, from the store or the overlay
+    /// (Context::read_key).
+    pub fn read_key(&mut self, seq: i32, layer: i32, pos: i32, from_store: bool) -> Result<Vec<f32>, LlamaError> {
+        self.ctx.read_key(seq, layer, pos, from_store)
+    }
+
     /// The overlay's state (None for a single-tier cache).
     pub fn overlay(&self) -> Option<OverlayStats> {
         self.ctx.overlay_stats()

@@ -138,6 +138,7 @@ impl Problem {
             slot_to_cell: &self.slot_to_cell,
             mask: &self.mask,
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            k_by_channel: &[],
         };
         let cpu = two_tier_kernel::run(&case).unwrap();
         let gpu = two_tier_kernel::run_on(&case, GPU).unwrap();
@@ -350,6 +351,7 @@ fn time_the_attention_kernel() {
             slot_to_cell: &slot_to_cell,
             mask: &mask,
             threads: 1,
+            k_by_channel: &[],
         };
         let ms = two_tier_kernel::time_on(&case, GPU, 50).unwrap();
         let bytes = 2 * k_store.len() + 2 * 2 * k_overlay.len() + 2 * depth;

@@ -85,7 +85,9 @@ fn reference(
 }
 
 /// Builds one random problem, runs the kernel and the reference, returns the largest
-/// absolute difference.
+/// absolute difference. `by_channel`: a random half of the groups of 64 cells hold
+/// their keys by channel (lq2::quantize_by_channel), the rest per token.
+#[allow(clippy::too_many_arguments)]
 fn kernel_vs_reference(
     seed: u64,
     d: usize,
@@ -94,6 +96,7 @@ fn kernel_vs_reference(
     n_tokens: usize,
     n_kv: usize,
     frac: f32,
+    by_channel: bool,
 ) -> f32 {
     let mut rng = Rng(seed | 1);
     let n_head = n_head_kv * gqa;
@@ -101,8 +104,18 @@ fn kernel_vs_reference(
     let q: Vec<f32> = (0..n_tokens * n_head * d).map(|_| rng.normal()).collect();
     let k: Vec<f32> = (0..values).map(|_| rng.normal() * 2.0).collect();
     let v: Vec<f32> = (0..values).map(|_| rng.normal()).collect();
-    let (k_store, v_store) = (lq2_kernels::quantize(&k, false).unwrap(), lq2_kernels::quantize(&v, false).unwrap());
-    let (k_deq, v_deq) = (lq2::dequantize(&k_store), lq2::dequantize(&v_store));
+    let (mut k_store, v_store) = (lq2_kernels::quantize(&k, false).unwrap(), lq2_kernels::quantize(&v, false).unwrap());
+    let (mut k_deq, v_deq) = (lq2::dequantize(&k_store), lq2::dequantize(&v_store));
+    // keys by channel: each chosen group's bytes and values replaced
+    let row = n_head_kv * d;
+    let k_by_channel: Vec<bool> =
+        if by_channel { (0..n_kv / 64).map(|_| rng.uniform() < 0.5).collect() } else { Vec::new() };
+    for (g, _) in k_by_channel.iter().enumerate().filter(|(_, &on)| on) {
+        let (values, bytes) = (g * 64 * row..(g + 1) * 64 * row, g * 64 * row / 64 * 20..(g + 1) * 64 * row / 64 * 20);
+        let group = lq2::quantize_by_channel(&k[values.clone()], row);
+        k_deq[values].copy_from_slice(&lq2::dequantize_by_channel(&group, row));
+        k_store[bytes].copy_from_slice(&group);
+    }
 
     // Overlaid cells, in shuffled slots, with some free slots among them.
     let overlaid: Vec<bool> = (0..n_kv).map(|_| rng.uniform() < frac).collect();
@@ -111,7 +124,6 @@ fn kernel_vs_reference(
     for i in (1..slot_to_cell.len()).rev() {
         slot_to_cell.swap(i, (rng.next() % (i as u64 + 1)) as usize);
     }
-    let row = n_head_kv * d;
     let mut k_overlay = vec![0u16; slot_to_cell.len() * row];
     let mut v_overlay = vec![0u16; slot_to_cell.len() * row];
     for (s, &c) in slot_to_cell.iter().enumerate().filter(|(_, &c)| c >= 0) {
@@ -141,6 +153,7 @@ fn kernel_vs_reference(
         slot_to_cell: &slot_to_cell,
         mask: &mask,
         threads: 2,
+        k_by_channel: &k_by_channel,
     };
     let got = two_tier_kernel::run(&case).unwrap();
     let want =
@@ -166,7 +179,24 @@ proptest! {
         n_kv in 1usize..96,
         frac in prop_oneof![Just(0.0f32), Just(0.3), Just(0.7), Just(1.0)],
     ) {
-        let err = kernel_vs_reference(seed, d, n_head_kv, gqa, n_tokens, n_kv, frac);
+        let err = kernel_vs_reference(seed, d, n_head_kv, gqa, n_tokens, n_kv, frac, false);
+        let tol = if frac == 0.0 { 1e-4 } else { 1e-2 };
+        prop_assert!(err <= tol, "max |kernel - reference| = {} > {}", err, tol);
+    }
+
+    /// The same with keys by channel in a random half of the groups of 64 cells: those
+    /// keys are read by channel, the others per token.
+    #[test]
+    fn keys_by_channel_attention_equals_the_reference(
+        seed in any::<u64>(),
+        d in prop_oneof![Just(64usize), Just(128)],
+        n_head_kv in 1usize..3,
+        gqa in prop_oneof![Just(1usize), Just(4)],
+        n_tokens in 1usize..3,
+        n_groups in 1usize..5,
+        frac in prop_oneof![Just(0.0f32), Just(0.5)],
+    ) {
+        let err = kernel_vs_reference(seed, d, n_head_kv, gqa, n_tokens, 64 * n_groups, frac, true);
         let tol = if frac == 0.0 { 1e-4 } else { 1e-2 };
         prop_assert!(err <= tol, "max |kernel - reference| = {} > {}", err, tol);
     }
@@ -193,11 +223,16 @@ fn the_kernel_rejects_inconsistent_cases() {
         slot_to_cell: &[0],
         mask: &[0.0],
         threads: 1,
+        k_by_channel: &[],
     };
     // One cell in the overlay: the output is its f16 V (1.0), whatever the store holds.
     assert_eq!(two_tier_kernel::run(&case).unwrap(), vec![0.0f32; d], "overlay V is zero here");
     case.slot_to_cell = &[1]; // cell out of range
     assert!(two_tier_kernel::run(&case).is_err());
+    case.slot_to_cell = &[0];
+    case.k_by_channel = &[true]; // a flag for a group of 64 cells, with 1 cell
+    assert!(two_tier_kernel::run(&case).is_err());
+    case.k_by_channel = &[];
     case.slot_to_cell = &[-1];
     assert_eq!(two_tier_kernel::run(&case).unwrap(), vec![1.0f32; d], "store V is 1.0");
     case.mask = &[f32::NEG_INFINITY];
@@ -436,12 +471,12 @@ fn the_overlay_is_enabled_once_and_not_over_tokens() {
     let model = tiny();
     let n_vocab = model.model.n_vocab();
     let mut two = context(&model, "logquant:D=16", 256, 1, 8);
-    let e = two.enable_overlay(8, Centering::NONE).unwrap_err().to_string();
+    let e = two.enable_overlay(8, Centering::NONE, false).unwrap_err().to_string();
     assert!(e.contains("already enabled"), "{e}");
     // A context that holds tokens is refused.
     let mut plain = context(&model, "q2", 256, 1, 8);
     logits_by_step(&mut plain, &some_tokens(8, n_vocab), 8);
-    let e = plain.enable_overlay(8, Centering::NONE).unwrap_err().to_string();
+    let e = plain.enable_overlay(8, Centering::NONE, false).unwrap_err().to_string();
     assert!(e.contains("before the first token is decoded"), "{e}");
 }
 
@@ -494,4 +529,83 @@ fn centering_reaches_the_store() {
     // the first 16 positions ran before the offsets existed
     assert_eq!(plain[..16], centered[..16]);
     assert!(max_kld(&plain[16..], &centered[16..]) > 1e-6);
+}
+
+/// Keys by channel (KIVI): a group of 64 cells is rewritten by channel while its f16
+/// copies are all there, so with a window of the newest 64 every demoted key is read
+/// by channel. The first group is demoted only after 64 + 16 tokens: until then the
+/// logits equal the per-token store's bit for bit; then they move.
+#[test]
+fn keys_by_channel_reach_the_store() {
+    let model = tiny();
+    let tokens = some_tokens(192, model.model.n_vocab());
+    let by_token = logits_by_step(&mut context(&model, "streaming:D=64:center=none", 256, 1, 16), &tokens, 16);
+    let by_channel =
+        logits_by_step(&mut context(&model, "streaming:D=64:center=none:keys=channel", 256, 1, 16), &tokens, 16);
+    assert_eq!(by_token[..80], by_channel[..80]);
+    assert!(max_kld(&by_token[80..], &by_channel[80..]) > 1e-6);
+    // with every token kept the store is never read: f16 either way
+    let kept = logits_by_step(&mut context(&model, "logquant:D=600:keys=channel", 256, 1, 16), &tokens, 16);
+    let f16 = logits_by_step(&mut context(&model, "f16", 256, 1, 16), &tokens, 16);
+    assert!(max_kld(&f16, &kept) < 1e-4);
+    // sequences decoded together equal each alone
+    let n_vocab = model.model.n_vocab();
+    let b: Vec<i32> = some_tokens(96 + 7, n_vocab)[7..].to_vec();
+    two_sequences_together_and_alone(&model, "streaming:D=64:keys=channel", &tokens[..96], &b);
+}
+
+/// What the store holds with keys by channel, read back token by token as attention
+/// reads it, against lq2.rs's independent implementation: a group coded from its f16
+/// copies is quantize_by_channel of them; after a rollback into a group and new
+/// tokens written there, its older tokens are per-token lq2 rows of the values the
+/// group held (the only copy left), not channel blocks overwritten by the new rows.
+#[test]
+fn keys_by_channel_hold_the_reference_values_and_survive_a_rollback() {
+    let model = tiny();
+    let tokens = some_tokens(128, model.model.n_vocab());
+    let mut ctx = context(&model, "streaming:D=64:center=none:keys=channel", 256, 1, 16);
+    let feed = |ctx: &mut Session, from: usize, to: usize| {
+        let mut batch = Batch::new(16).unwrap();
+        for start in (from..to).step_by(16) {
+            batch.clear();
+            for (p, &t) in tokens.iter().enumerate().skip(start).take(16) {
+                batch.add(t, p as i32, 0, false).unwrap();
+            }
+            ctx.decode(&batch).unwrap();
+        }
+    };
+    let layers = [0, model.model.n_layer() as i32 - 1];
+    let rows_of = |ctx: &mut Session, il: i32, from: i32, store: bool| -> Vec<f32> {
+        (from..from + 64).flat_map(|p| ctx.read_key(0, il, p, store).unwrap()).collect()
+    };
+    feed(&mut ctx, 0, 64);
+    let f16: Vec<Vec<f32>> = layers.iter().map(|&il| rows_of(&mut ctx, il, 0, false)).collect();
+    feed(&mut ctx, 64, 80);
+    let kept = ctx.full_precision(0).unwrap();
+    let demoted: Vec<i32> = (0..64).filter(|p| !kept.contains(p)).collect();
+    assert!(!demoted.is_empty());
+    for (l, &il) in layers.iter().enumerate() {
+        let n = f16[l].len() / 64;
+        let want = lq2::dequantize_by_channel(&lq2::quantize_by_channel(&f16[l], n), n);
+        for &p in &demoted {
+            let got = ctx.read_key(0, il, p, true).unwrap();
+            assert_eq!(got, want[p as usize * n..][..n], "layer {il}, position {p}");
+        }
+    }
+    // group 1 (positions 64..127) is coded at 128 tokens; roll back to 96 and write 16
+    feed(&mut ctx, 80, 128);
+    let coded: Vec<Vec<f32>> = layers.iter().map(|&il| rows_of(&mut ctx, il, 64, true)).collect();
+    ctx.remove(0, 96, -1).unwrap();
+    feed(&mut ctx, 96, 112);
+    for (l, &il) in layers.iter().enumerate() {
+        let n = coded[l].len() / 64;
+        for p in 64..96 {
+            let row = &coded[l][(p - 64) * n..][..n];
+            let want = lq2::dequantize(&lq2::quantize(row));
+            assert_eq!(ctx.read_key(0, il, p as i32, true).unwrap(), want, "layer {il}, position {p}");
+        }
+    }
+    // without an f16 copy there is nothing to read from the overlay
+    assert!(ctx.read_key(0, 0, demoted[0], false).is_err());
+    assert!(ctx.read_key(0, 0, 500, true).is_err());
 }

@@ -45,6 +45,7 @@ pub const LOGQUANT_ERR_MEMORY: i32 = -4;
 pub const LOGQUANT_CENTER_K: u32 = 1;
 pub const LOGQUANT_CENTER_V: u32 = 2;
 pub const LOGQUANT_CENTER_TOKENS: u32 = 16;
+pub const LOGQUANT_KEYS_BY_CHANNEL: u32 = 4;
 pub const LOGQUANT_LAYERS_GLOBAL: u32 = 1;
 pub const LOGQUANT_LAYERS_SWA: u32 = 2;
 pub const LOGQUANT_LAYERS_ALL: u32 = 3;
@@ -876,6 +877,7 @@ pub struct logquant_attn_case {
     pub mask: *const f32,
     pub n_threads: i32,
     pub out: *mut f32,
+    pub k_by_channel: *const u8,
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -1443,6 +1445,15 @@ unsafe extern "C" {
         seq: llama_seq_id,
         out: *mut llama_pos,
         cap: usize,
+    ) -> i64;
+    pub fn logquant_seq_read_key(
+        ctx: *mut llama_context,
+        seq: llama_seq_id,
+        il: i32,
+        pos: llama_pos,
+        from_store: bool,
+        out: *mut f32,
+        n: usize,
     ) -> i64;
     pub fn logquant_overlay_get_stats(ctx: *const llama_context, out: *mut logquant_overlay_stats) -> bool;
     pub fn logquant_attn_run(c: *const logquant_attn_case) -> bool;

@@ -111,7 +111,19 @@ LLAMA_API int32_t logquant_overlay_enable(struct llama_context * ctx, uint32_t n
 #define LOGQUANT_CENTER_V      (1u << 1)
 #define LOGQUANT_CENTER_TOKENS 16
 
-// logquant_overlay_enable with options: flags is 0 or LOGQUANT_CENTER_* ORed.
+// Keys by channel (KIVI): each group of 64 cells of a KV stream whose tokens all still
+// have their f16 copies is rewritten in the lq2 K store by channel (every channel its
+// own minimum and step over the 64 tokens; ggml-lq2.h), at logquant_seq_set_full_precision
+// before anything is demoted, so with a policy that keeps at least the newest 64 tokens
+// every demoted key is read by channel. Same bytes as per-token lq2 (2.5 bits a value).
+// A micro-batch that writes into a group still holding older tokens (a rollback, a
+// sliding window that wraps), a position shift and a state save turn the group back
+// into per-token rows first. Needs an lq2 K store on the CPU (the CUDA kernel reads
+// per-token rows only) and a cache size that is a multiple of 64.
+#define LOGQUANT_KEYS_BY_CHANNEL (1u << 2)
+
+// logquant_overlay_enable with options: flags is 0 or LOGQUANT_CENTER_* and
+// LOGQUANT_KEYS_BY_CHANNEL ORed.
 LLAMA_API int32_t logquant_overlay_enable_flags(struct llama_context * ctx, uint32_t n_slots, uint32_t flags);
 
 // Keeps at full precision only the tokens of seq at the listed positions (sorted
@@ -136,6 +148,15 @@ LLAMA_API int32_t logquant_seq_set_full_precision_in(struct llama_context * ctx,
 // may exceed cap), or a negative error.
 LLAMA_API int64_t logquant_seq_full_precision(struct llama_context * ctx, llama_seq_id seq,
                                               llama_pos * out, size_t cap);
+
+// Reads the key of seq's token at position pos in layer il (of the global, or only,
+// cache), as attention reads it: from the store (from_store = true: dequantized, by
+// channel where its group is held so, per token otherwise) or from the overlay's f16
+// copy (false; an error when the token has none). out receives n_embd_k_gqa floats
+// (n must be at least that); returns how many were written, or a negative error. For
+// tests: it copies the cell's whole group from the backend.
+LLAMA_API int64_t logquant_seq_read_key(struct llama_context * ctx, llama_seq_id seq, int32_t il, llama_pos pos,
+                                        bool from_store, float * out, size_t n);
 
 struct logquant_overlay_stats {
     bool     enabled;
@@ -169,6 +190,8 @@ struct logquant_attn_case {
     const float    * mask;        // [n_tokens][n_kv]: 0 or -INFINITY (added to the scores)
     int32_t n_threads;
     float * out;                  // [n_tokens][n_head][head_dim]
+    const uint8_t  * k_by_channel; // [n_kv/64]: nonzero where k_store's cells 64g .. 64g + 63
+                                   // hold their keys by channel (ggml-lq2.h); NULL: none (CPU only)
 };
 
 // Returns false (writing nothing) on NULL pointers or inconsistent sizes.

@@ -9,6 +9,7 @@
 #include "llama-model.h"
 
 #include "ggml-cpu.h"
+#include "ggml-lq2.h"
 
 #include <algorithm>
 #include <functional>
@@ -63,7 +64,8 @@ static bool attn_runs_on(ggml_backend_dev_t dev, int64_t D, int64_t n_head_kv) {
 
 logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32_t flags)
     : kv(kv), n_slots(std::min(n_slots, kv.get_size())), n_cells(kv.get_size()), n_stream(kv.n_stream),
-      center_k((flags & LOGQUANT_CENTER_K) != 0), center_v((flags & LOGQUANT_CENTER_V) != 0) {
+      center_k((flags & LOGQUANT_CENTER_K) != 0), center_v((flags & LOGQUANT_CENTER_V) != 0),
+      keys_by_channel((flags & LOGQUANT_KEYS_BY_CHANNEL) != 0) {
     if (kv.other != nullptr) {
         throw std::runtime_error("this model shares KV cells between caches, which the overlay does not support");
     }
@@ -80,6 +82,13 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32
             throw std::runtime_error("the KV cache has no allocated K and V tensors (no_alloc context or MLA model)");
         }
         ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+        if (keys_by_channel && layer.k->type != GGML_TYPE_LQ2) {
+            throw std::runtime_error(std::string("keys by channel need the lq2 K store, not ") + ggml_type_name(layer.k->type));
+        }
+        if (keys_by_channel && !ggml_backend_buffer_is_host(layer.k->buffer)) {
+            throw std::runtime_error(std::string("keys by channel run on the CPU only so far; the KV cache lives on ") +
+                                     ggml_backend_buft_name(buft) + ": keep the cache on the CPU (--ngl 0)");
+        }
         // The two-tier kernels exist for the CPU and CUDA; elsewhere every step would
         // copy the whole cache to the host.
         if (!ggml_backend_buffer_is_host(layer.k->buffer) && std::string(ggml_backend_buft_name(buft)).rfind("CUDA", 0) != 0) {
@@ -154,6 +163,14 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32
         reset_slots(strm);
     }
     frozen.assign(n_stream, 0);
+    if (keys_by_channel) {
+        if (n_cells % QK_LQ2 != 0) {
+            throw std::runtime_error("keys by channel need a cache size that is a multiple of 64 cells");
+        }
+        n_groups = n_cells / QK_LQ2;
+        k_by_channel.assign(size_t(n_stream)*n_groups, 0);
+        state.k_by_channel = k_by_channel.data();
+    }
     state.n_slots      = int32_t(this->n_slots);
     state.n_cells      = int32_t(n_cells);
     state.slot_to_cell = slot_to_cell.data();
@@ -205,6 +222,9 @@ void logquant_overlay::sweep(uint32_t strm) {
 
 void logquant_overlay::on_ubatch(const llama_kv_cache::slot_info & sinfo, const llama_ubatch & ubatch) {
     sweep();
+    if (keys_by_channel) {
+        uncode_written(sinfo);
+    }
     token_row.assign(ubatch.n_tokens, -1);
     for (uint32_t s = 0; s < sinfo.n_stream(); ++s) {
         const uint32_t strm = sinfo.strm[s];
@@ -215,6 +235,9 @@ void logquant_overlay::on_ubatch(const llama_kv_cache::slot_info & sinfo, const 
             reset_slots(strm);
             if (frozen[strm]) {
                 reset_offsets(strm);
+            }
+            if (keys_by_channel) {
+                std::fill_n(k_by_channel.begin() + size_t(strm)*n_groups, n_groups, 0);
             }
         }
         for (uint32_t ii = 0; ii < sinfo.size(); ++ii) {
@@ -245,6 +268,9 @@ void logquant_overlay::copy_maps(uint32_t ssrc, uint32_t sdst) {
     std::copy_n(cell_to_slot.begin() + size_t(ssrc)*n_cells, n_cells, cell_to_slot.begin() + size_t(sdst)*n_cells);
     free_slots[sdst] = free_slots[ssrc];
     frozen[sdst]     = frozen[ssrc];
+    if (keys_by_channel) {
+        std::copy_n(k_by_channel.begin() + size_t(ssrc)*n_groups, n_groups, k_by_channel.begin() + size_t(sdst)*n_groups);
+    }
 }
 
 // Copies rows [ssrc*n, ssrc*n + n) of t over rows [sdst*n, ...).
@@ -280,6 +306,7 @@ void logquant_overlay::drop_shifted() {
 
 void logquant_overlay::forget(llama_seq_id seq) {
     sweep();
+    before_row_access(); // the restore writes per-token rows into the stream's cells
     for (uint32_t strm = 0; strm < n_stream; ++strm) {
         const auto & cells = kv.v_cells[strm];
         for (uint32_t slot = 0; slot < n_slots; ++slot) {
@@ -297,6 +324,9 @@ void logquant_overlay::set_full_precision(llama_seq_id seq, const llama_pos * po
     const auto &   cells = kv.v_cells[strm];
     if ((center_k || center_v) && !frozen[strm] && cells.get_used() >= LOGQUANT_CENTER_TOKENS) {
         freeze_offsets(strm, seq); // before any demotion: every token is still in the overlay
+    }
+    if (keys_by_channel) {
+        code_by_channel(strm); // also before any demotion: from the f16 copies
     }
     for (uint32_t slot = 0; slot < n_slots; ++slot) {
         const int32_t c = slot_to_cell[size_t(strm)*n_slots + slot];
@@ -336,6 +366,9 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
     }
     const uint32_t c0 = held.front(), n_range = held.back() - c0 + 1;
     const uint32_t rows = std::max<uint32_t>(n_slots, 1);
+    if (keys_by_channel) {
+        uncode_stream(strm); // below, rows are read and written one token at a time
+    }
 
     for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
         const auto & layer = kv.layers[ikv];
@@ -416,6 +449,157 @@ void logquant_overlay::reset_offsets(uint32_t strm) {
         }
     }
     frozen[strm] = 0;
+}
+
+void logquant_overlay::before_row_access() {
+    for (uint32_t strm = 0; strm < n_stream && keys_by_channel; ++strm) {
+        uncode_stream(strm);
+    }
+}
+
+void logquant_overlay::uncode_stream(uint32_t strm) {
+    for (uint32_t g = 0; g < n_groups; ++g) {
+        if (k_by_channel[size_t(strm)*n_groups + g]) {
+            uncode_group(strm, g);
+        }
+    }
+}
+
+void logquant_overlay::uncode_written(const llama_kv_cache::slot_info & sinfo) {
+    for (uint32_t s = 0; s < sinfo.n_stream(); ++s) {
+        const uint32_t strm  = sinfo.strm[s];
+        const auto &   cells = kv.v_cells[strm];
+        // the marked groups this micro-batch writes into, and how many of their cells it writes
+        std::map<uint32_t, uint32_t> written;
+        for (uint32_t cell : sinfo.idxs[s]) {
+            if (k_by_channel[size_t(strm)*n_groups + cell/QK_LQ2]) {
+                written[cell/QK_LQ2]++;
+            }
+        }
+        for (const auto & [g, n_written] : written) {
+            // the cells' metadata already holds the micro-batch's tokens
+            uint32_t held = 0;
+            for (uint32_t c = g*QK_LQ2; c < (g + 1)*QK_LQ2; ++c) {
+                held += cells.is_empty(c) ? 0 : 1;
+            }
+            if (held > n_written) {
+                uncode_group(strm, g);
+            } else {
+                k_by_channel[size_t(strm)*n_groups + g] = 0;
+            }
+        }
+    }
+}
+
+void logquant_overlay::code_by_channel(uint32_t strm) {
+    const auto & cells = kv.v_cells[strm];
+    std::vector<uint32_t> todo;
+    for (uint32_t g = 0; g < n_groups; ++g) {
+        if (k_by_channel[size_t(strm)*n_groups + g]) {
+            continue;
+        }
+        bool ready = true;
+        for (uint32_t c = g*QK_LQ2; c < (g + 1)*QK_LQ2 && ready; ++c) {
+            ready = !cells.is_empty(c) && cell_to_slot[size_t(strm)*n_cells + c] >= 0;
+        }
+        if (ready) {
+            todo.push_back(g);
+        }
+    }
+    if (todo.empty()) {
+        return;
+    }
+    const uint32_t rows = std::max<uint32_t>(n_slots, 1);
+    for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
+        ggml_tensor * store = kv.layers[ikv].k;
+        ggml_tensor * ov    = k_ov[ikv];
+        const int64_t n_embd = store->ne[0];
+        std::vector<ggml_fp16_t> row(n_embd);
+        std::vector<float>       x(size_t(QK_LQ2)*n_embd);
+        std::vector<block_lq2>   group(n_embd);
+        GGML_ASSERT(size_t(QK_LQ2)*store->nb[1] == group.size()*sizeof(block_lq2));
+        for (uint32_t g : todo) {
+            for (uint32_t t = 0; t < QK_LQ2; ++t) {
+                const int32_t slot = cell_to_slot[size_t(strm)*n_cells + g*QK_LQ2 + t];
+                ggml_backend_tensor_get(ov, row.data(), (size_t(strm)*rows + slot)*ov->nb[1], row.size()*sizeof(ggml_fp16_t));
+                ggml_fp16_to_fp32_row(row.data(), x.data() + size_t(t)*n_embd, n_embd);
+            }
+            quantize_lq2_by_channel(x.data(), group.data(), n_embd);
+            ggml_backend_tensor_set(store, group.data(), size_t(strm)*store->nb[2] + size_t(g)*QK_LQ2*store->nb[1],
+                                    group.size()*sizeof(block_lq2));
+        }
+    }
+    for (uint32_t g : todo) {
+        k_by_channel[size_t(strm)*n_groups + g] = 1;
+    }
+}
+
+void logquant_overlay::uncode_group(uint32_t strm, uint32_t g) {
+    for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
+        ggml_tensor * store = kv.layers[ikv].k;
+        const int64_t n_embd = store->ne[0];
+        const auto *  cpu    = ggml_get_type_traits_cpu(store->type);
+        const size_t  offs   = size_t(strm)*store->nb[2] + size_t(g)*QK_LQ2*store->nb[1];
+        std::vector<block_lq2> group(n_embd), rows(n_embd);
+        std::vector<float>     x(n_embd);
+        ggml_backend_tensor_get(store, group.data(), offs, group.size()*sizeof(block_lq2));
+        for (int t = 0; t < QK_LQ2; ++t) {
+            dequantize_lq2_by_channel_row(group.data(), t, 0, n_embd, x.data());
+            // row t: n_embd/QK_LQ2 blocks, as set_rows writes a token
+            cpu->from_float(x.data(), rows.data() + size_t(t)*(n_embd/QK_LQ2), n_embd);
+        }
+        ggml_backend_tensor_set(store, rows.data(), offs, rows.size()*sizeof(block_lq2));
+    }
+    k_by_channel[size_t(strm)*n_groups + g] = 0;
+}
+
+bool logquant_overlay::read_key(llama_seq_id seq, int32_t il, llama_pos pos, bool from_store, std::vector<float> & out) {
+    const auto it = kv.map_layer_ids.find(il);
+    if (it == kv.map_layer_ids.end()) {
+        return false;
+    }
+    const uint32_t strm  = kv.seq_to_stream[seq];
+    const auto &   cells = kv.v_cells[strm];
+    int64_t cell = -1;
+    for (uint32_t c = 0; c < n_cells && cell < 0; ++c) {
+        if (!cells.is_empty(c) && cells.seq_has(c, seq) && cells.pos_get(c) == pos) {
+            cell = c;
+        }
+    }
+    if (cell < 0) {
+        return false;
+    }
+    ggml_tensor * store  = kv.layers[it->second].k;
+    const int64_t n_embd = store->ne[0];
+    out.resize(n_embd);
+    if (!from_store) {
+        const int32_t slot = cell_to_slot[size_t(strm)*n_cells + cell];
+        if (slot < 0) {
+            return false;
+        }
+        ggml_tensor * ov = k_ov[it->second];
+        std::vector<ggml_fp16_t> row(n_embd);
+        ggml_backend_tensor_get(ov, row.data(), (size_t(strm)*std::max<uint32_t>(n_slots, 1) + slot)*ov->nb[1],
+                                row.size()*sizeof(ggml_fp16_t));
+        ggml_fp16_to_fp32_row(row.data(), out.data(), n_embd);
+        return true;
+    }
+    const uint32_t g = uint32_t(cell)/QK_LQ2;
+    if (keys_by_channel && k_by_channel[size_t(strm)*n_groups + g]) {
+        std::vector<block_lq2> group(n_embd);
+        ggml_backend_tensor_get(store, group.data(), size_t(strm)*store->nb[2] + size_t(g)*QK_LQ2*store->nb[1],
+                                group.size()*sizeof(block_lq2));
+        dequantize_lq2_by_channel_row(group.data(), int(cell % QK_LQ2), 0, n_embd, out.data());
+        return true;
+    }
+    const auto * traits = ggml_get_type_traits(store->type);
+    if (traits->to_float == nullptr) {
+        return false;
+    }
+    std::vector<uint8_t> row(store->nb[1]);
+    ggml_backend_tensor_get(store, row.data(), size_t(strm)*store->nb[2] + size_t(cell)*store->nb[1], row.size());
+    traits->to_float(row.data(), out.data(), n_embd);
+    return true;
 }
 
 uint32_t logquant_overlay::slots_used() {
@@ -643,7 +827,7 @@ int32_t logquant_overlay_enable(struct llama_context * ctx, uint32_t n_slots) {
 }
 
 int32_t logquant_overlay_enable_flags(struct llama_context * ctx, uint32_t n_slots, uint32_t flags) {
-    if ((flags & ~(LOGQUANT_CENTER_K | LOGQUANT_CENTER_V)) != 0) {
+    if ((flags & ~(LOGQUANT_CENTER_K | LOGQUANT_CENTER_V | LOGQUANT_KEYS_BY_CHANNEL)) != 0) {
         return fail(LOGQUANT_ERR_ARGUMENT, "unknown overlay flags");
     }
     if (ctx == nullptr) {
@@ -737,6 +921,26 @@ int64_t logquant_seq_full_precision(struct llama_context * ctx, llama_seq_id seq
     return (int64_t) pos.size();
 }
 
+int64_t logquant_seq_read_key(struct llama_context * ctx, llama_seq_id seq, int32_t il, llama_pos pos, bool from_store,
+                              float * out, size_t n) {
+    if (!seq_ok(ctx, seq) || out == nullptr) {
+        return fail(LOGQUANT_ERR_ARGUMENT, "invalid context, sequence id or output buffer");
+    }
+    const auto caches = caches_of(ctx);
+    if (caches.empty() || !caches[0]->lq_overlay) {
+        return fail(LOGQUANT_ERR_STATE, "the overlay is not enabled on this context");
+    }
+    std::vector<float> key;
+    if (!caches[0]->lq_overlay->read_key(seq, il, pos, from_store, key)) {
+        return fail(LOGQUANT_ERR_ARGUMENT, "no such layer of this cache, token, or f16 copy of it");
+    }
+    if (n < key.size()) {
+        return fail(LOGQUANT_ERR_ARGUMENT, "the output holds fewer values than a key row");
+    }
+    std::copy(key.begin(), key.end(), out);
+    return int64_t(key.size());
+}
+
 bool logquant_overlay_get_stats(const struct llama_context * ctx, struct logquant_overlay_stats * out) {
     if (ctx == nullptr || out == nullptr) {
         return false;
@@ -827,7 +1031,8 @@ static bool attn_case(const struct logquant_attn_case * c, const char * backend_
     const int64_t D = c->head_dim;
     if (D <= 0 || D % ggml_blck_size(GGML_TYPE_LQ2) != 0 || D > 1024 || c->n_head <= 0 || c->n_head_kv <= 0 ||
         c->n_head % c->n_head_kv != 0 || c->n_tokens <= 0 || c->n_kv <= 0 || c->n_slots < 0 || c->n_threads <= 0 ||
-        (c->n_slots > 0 && (c->k_overlay == nullptr || c->v_overlay == nullptr))) {
+        (c->n_slots > 0 && (c->k_overlay == nullptr || c->v_overlay == nullptr)) ||
+        (c->k_by_channel != nullptr && c->n_kv % QK_LQ2 != 0)) {
         fail(LOGQUANT_ERR_ARGUMENT, "inconsistent sizes in the case");
         return false;
     }
@@ -853,6 +1058,11 @@ static bool attn_case(const struct logquant_attn_case * c, const char * backend_
     if (backend == nullptr) {
         return false;
     }
+    if (c->k_by_channel != nullptr && !ggml_backend_is_cpu(backend)) {
+        ggml_backend_free(backend);
+        fail(LOGQUANT_ERR_UNSUPPORTED, "keys by channel run on the CPU backend only");
+        return false;
+    }
     ggml_init_params params = { 64*ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true };
     ggml_context * ctx = ggml_init(params);
     logquant_attn_state state = {};
@@ -861,6 +1071,7 @@ static bool attn_case(const struct logquant_attn_case * c, const char * backend_
     state.slot_to_cell = c->slot_to_cell;
     state.cell_to_slot = cell_to_slot.data();
     state.n_tokens     = c->n_tokens;
+    state.k_by_channel = c->k_by_channel;
     logquant_attn_layer layer = { &state, c->scale, 0.0f, 0.0f };
 
     const attn_op op = new_attn_op(ctx, D, c->n_head, c->n_head_kv, c->n_tokens, c->n_kv, rows, &layer);

@@ -51,6 +51,11 @@ struct logquant_overlay {
     // cells; they are demoted, and the restored tokens are 2-bit only.
     void forget(llama_seq_id seq);
 
+    // Hook: llama.cpp is about to re-rope (seq_add, seq_div) or save (llama_state_*)
+    // the store's rows, which it reads one token at a time: groups of keys held by
+    // channel go back to per-token rows first (keys by channel).
+    void before_row_access();
+
     // Frees the slots of cells that no longer hold a token (seq_rm, clear): in every
     // stream, or in one.
     void sweep();
@@ -64,6 +69,10 @@ struct logquant_overlay {
     std::vector<llama_pos> full_precision(llama_seq_id seq);
 
     uint32_t slots_used();
+
+    // The key of seq's token at pos in model layer il, from the store (as the kernel
+    // decodes it) or from the overlay; false when there is no such token (or copy).
+    bool read_key(llama_seq_id seq, int32_t il, llama_pos pos, bool from_store, std::vector<float> & out);
 
     // Centering (include/logquant.h, LOGQUANT_CENTER_K/V): replaces the micro-batch's
     // k_cur / v_cur [D, n_head_kv, n_tokens] by themselves minus their stream's
@@ -95,6 +104,10 @@ struct logquant_overlay {
 
     const bool center_k;
     const bool center_v;
+    // Keys by channel (LOGQUANT_KEYS_BY_CHANNEL): groups of QK_LQ2 cells whose f16 keys
+    // are all in the overlay are rewritten by channel in the store (ggml-lq2.h) before
+    // any of them is demoted.
+    const bool keys_by_channel;
 
   private:
     void free_slot(uint32_t strm, int32_t slot);
@@ -107,6 +120,17 @@ struct logquant_overlay {
     // Every slot of the stream free, in the order of a new context.
     void reset_slots(uint32_t strm);
 
+    // Keys by channel: rewrites by channel every group of the stream whose cells all
+    // hold a token with an f16 copy (from those copies), and marks it.
+    void code_by_channel(uint32_t strm);
+    // Rewrites the marked group g of stream strm as per-token rows again (from its
+    // by-channel values) and unmarks it.
+    void uncode_group(uint32_t strm, uint32_t g);
+    void uncode_stream(uint32_t strm);
+    // Before a micro-batch writes its cells: a marked group that still holds older
+    // tokens is uncoded (set_rows writes per-token rows); one that held none is unmarked.
+    void uncode_written(const llama_kv_cache::slot_info & sinfo);
+
     std::vector<ggml_context_ptr> ctxs;
     std::vector<ggml_tensor *> k_ov; // per KV layer: [n_embd_k_gqa, n_slots*n_stream] f16
     std::vector<ggml_tensor *> v_ov;
@@ -115,6 +139,10 @@ struct logquant_overlay {
     std::vector<ggml_tensor *> k_off;
     std::vector<ggml_tensor *> v_off;
     std::vector<uint8_t> frozen;
+    // Keys by channel: [n_stream][n_cells/QK_LQ2], 1 where the group is held by channel
+    // (the kernels read it through state.k_by_channel); empty when off.
+    std::vector<uint8_t> k_by_channel;
+    uint32_t n_groups = 0; // groups per stream
 
     std::vector<int32_t> slot_to_cell; // [n_stream][n_slots]
     std::vector<int32_t> cell_to_slot; // [n_stream][n_cells]

@@ -154,3 +154,24 @@ size_t quantize_lq2(const float * src, void * dst, int64_t nrow, int64_t n_per_r
     }
     return (size_t) nrow * row_size;
 }
+
+void quantize_lq2_by_channel(const float * x, block_lq2 * group, int64_t n) {
+    float col[QK_LQ2];
+    for (int64_t j = 0; j < n; j++) {
+        for (int t = 0; t < QK_LQ2; t++) {
+            col[t] = x[t*n + j];
+        }
+        quantize_row_lq2_ref(col, group + j, QK_LQ2);
+    }
+}
+
+void dequantize_lq2_by_channel_row(const block_lq2 * group, int t, int64_t j0, int64_t nj, float * y) {
+    assert(t >= 0 && t < QK_LQ2);
+    const int byte = t / 4, shift = 2 * (t % 4);
+    for (int64_t j = 0; j < nj; j++) {
+        const block_lq2 * b = group + j0 + j;
+        const float d = GGML_FP16_TO_FP32(b->d);
+        const float m = GGML_FP16_TO_FP32(b->m);
+        y[j] = m + d * (float) ((b->qs[byte] >> shift) & 3);
+    }
+}

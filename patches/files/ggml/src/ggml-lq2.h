@@ -43,6 +43,18 @@ void dequantize_row_lq2(const block_lq2 * x, float * y, int64_t k);
 // ggml_quantize_chunk's entry point (no importance matrix: the KV cache has none).
 size_t quantize_lq2(const float * src, void * dst, int64_t nrow, int64_t n_per_row, const float * imatrix);
 
+// Keys by channel (KIVI; LOGQUANT_KEYS_BY_CHANNEL in logquant.h). A group of QK_LQ2
+// consecutive rows of n values (n a multiple of QK_LQ2) takes n * 20 bytes as per-token
+// blocks; the same bytes can instead hold the group by channel: block j of the group
+// holds channel j of its QK_LQ2 rows, value t of the block = row t. Each channel then
+// gets its own minimum and step over the group's tokens, so a channel whose values sit
+// far from the others' (Qwen2's keys) no longer stretches every token's range.
+//
+// x: QK_LQ2 rows of n floats, row-major; group: n blocks.
+void quantize_lq2_by_channel(const float * x, block_lq2 * group, int64_t n);
+// Row t of a group held by channel, channels [j0, j0 + nj): y[j] = m + d * q of block j0 + j.
+void dequantize_lq2_by_channel_row(const block_lq2 * group, int t, int64_t j0, int64_t nj, float * y);
+
 #ifdef __cplusplus
 }
 #endif

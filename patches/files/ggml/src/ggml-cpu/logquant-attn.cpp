@@ -3,6 +3,7 @@
 
 #include "ggml-cpu.h"
 #include "ggml-impl.h"
+#include "ggml-lq2.h"
 #include "simd-mappings.h"
 #include "vec.h"
 
@@ -68,6 +69,7 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
     GGML_ASSERT(q->type == GGML_TYPE_F32 && mask->type == GGML_TYPE_F16);
     GGML_ASSERT(kov->type == GGML_TYPE_F16 && vov->type == GGML_TYPE_F16);
     GGML_ASSERT(dst->ne[0] == DV && dst->ne[1] == n_head && dst->ne[2] == N);
+    GGML_ASSERT(st->k_by_channel == nullptr || (k->type == GGML_TYPE_LQ2 && st->n_cells % QK_LQ2 == 0));
 
     // broadcast factors (grouped-query attention)
     const int64_t rk2 = n_head / k->ne[2];
@@ -96,6 +98,7 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
     // ~100 KiB per thread: on the heap of the thread, reused across calls
     static thread_local head_state G[LQ_MAX_GROUP];
     float V32[LQ_MAX_HEAD];
+    float K32[LQ_MAX_HEAD]; // a by-channel K row (keys by channel)
 
     // Work items: (stream, query, KV head, group of its query heads). The heads of a
     // group share each store cell's dequantized V row (the costly part of a quantized
@@ -126,6 +129,9 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
 
         const int64_t strm = st->s0 + iq3;
         const int32_t * c2s = st->cell_to_slot + strm * st->n_cells;
+        const uint8_t * by_channel = st->k_by_channel ? st->k_by_channel + strm * (st->n_cells / QK_LQ2) : nullptr;
+        const char *    k_stream   = (const char *) k->data + iq3*k->nb[3];
+        int64_t k32_cell = -1; // the cell whose by-channel K is in K32
         const int32_t * s2c = st->slot_to_cell + strm * n_slots;
 
         const int64_t ik2 = h0 / rk2;
@@ -174,8 +180,19 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
                     g.q_ready = true;
                 }
                 float s;
-                const char * k_data = (const char *) k->data + ic*k->nb[1] + ik2*k->nb[2] + iq3*k->nb[3];
-                kq_vec_dot(DK, &s, 0, k_data, 0, g.Q_q, 0, 1);
+                if (by_channel && by_channel[ic / QK_LQ2]) {
+                    // a group held by channel: this cell's K row of the KV head, dequantized
+                    // once for the item's heads, against the f32 query
+                    if (k32_cell != ic) {
+                        const block_lq2 * group = (const block_lq2 *) (k_stream + (ic - ic % QK_LQ2)*k->nb[1]);
+                        dequantize_lq2_by_channel_row(group, int(ic % QK_LQ2), ik2*DK, DK, K32);
+                        k32_cell = ic;
+                    }
+                    ggml_vec_dot_f32(DK, &s, 0, K32, 0, g.pq, 0, 1);
+                } else {
+                    const char * k_data = (const char *) k->data + ic*k->nb[1] + ik2*k->nb[2] + iq3*k->nb[3];
+                    kq_vec_dot(DK, &s, 0, k_data, 0, g.Q_q, 0, 1);
+                }
                 s = score(s, mv);
 
                 float ms, vs;

@@ -25,6 +25,9 @@ struct logquant_attn_state {
     int32_t s0;                   // first stream of the current micro-batch
     int32_t n_tokens;             // tokens of the current micro-batch
     const int32_t * token_row;    // [n_tokens]: overlay row ((stream - s0)*n_slots + slot) or -1
+    // Keys by channel (ggml-lq2.h): [n_stream][n_cells/64], nonzero where the K store's
+    // cells 64g .. 64g + 63 hold their keys by channel; NULL when none do.
+    const uint8_t * k_by_channel;
 };
 
 // Per layer: where to find the state, and the attention parameters
@@ -46,7 +49,8 @@ struct logquant_attn_layer {
 //   5 v_ov   [n_embd_v_gqa, n_slots*n_stream] f16 overlay rows of these streams
 //   6 s2c    [n_slots, n_stream] i32: the cell each slot holds, or -1 (a graph input:
 //            the CUDA kernels read it; the CPU reads state->slot_to_cell, the same map)
-// Store cells that have an overlay slot are skipped; overlay slots take the mask
+// Store cells that have an overlay slot are skipped; K of cells in a group held by
+// channel (state->k_by_channel) is read as such, dequantized, against the f32 query; overlay slots take the mask
 // of the cell they hold. Each tier repeats the arithmetic of ggml's CPU flash
 // attention's per-row variant for its type (store: its vec_dot and to_float, f32
 // accumulator; overlay: f16 query and accumulator), and the tiers are merged by
