@@ -13,7 +13,7 @@
 //! types runs on the CPU, the CUDA kernel runs lq2), and `center=kv|k|v|none` centers
 //! K and/or V per sequence before they are quantized (include/logquant.h,
 //! LOGQUANT_CENTER_K), `keys=channel` quantizes demoted keys by channel in groups of
-//! 64 tokens (KIVI; lq2 K store, CPU), and `swa=recent|same` chooses what the
+//! 64 tokens (KIVI; lq2 K store, without the Hadamard rotation), and `swa=recent|same` chooses what the
 //! sliding-window layers keep (their newest D tokens, or the policy's set), e.g.
 //! `logquant:D=384:k=q4_0:center=k`.
 //!
@@ -41,7 +41,7 @@ pub struct KvConfig {
     pub swa_recent: bool,
     /// Two-tier cache: keys by channel (KIVI; `keys=channel`): groups of 64 demoted
     /// tokens are quantized per channel rather than per token (include/logquant.h,
-    /// LOGQUANT_KEYS_BY_CHANNEL). Needs the lq2 K store, on the CPU.
+    /// LOGQUANT_KEYS_BY_CHANNEL). Needs the lq2 K store.
     pub keys_by_channel: bool,
 }
 
@@ -204,10 +204,12 @@ impl KvConfig {
             cfg.policy = Some(match (key.as_str(), kind.as_str()) {
                 ("D", _) => make(n),
                 ("W", "logquant") => Policy::LogQuant { window: n.min(MAX_BUDGET / 3) },
-                _ => return Some(Err(err(format!(
+                _ => {
+                    return Some(Err(err(format!(
                     "{kind} takes D=N{}, k=TYPE, v=TYPE, center=kv|k|v|none, keys=channel|token and swa=recent|same",
                     if kind == "logquant" { " or W=N" } else { "" }
-                )))),
+                ))))
+                }
             });
         }
         if cfg.keys_by_channel && cfg.k != KvCacheType::Lq2 {

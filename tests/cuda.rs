@@ -18,6 +18,7 @@ use logquant::gguf::f32_to_f16_bits;
 use logquant::kvconfig::KvConfig;
 use logquant::llama::two_tier_kernel::{self, Case};
 use logquant::llama::{lq2_kernels, Batch, ModelParams};
+use logquant::lq2;
 
 const GPU: &str = "CUDA0";
 
@@ -66,6 +67,7 @@ struct Problem {
     v_overlay: Vec<u16>,
     slot_to_cell: Vec<i32>,
     mask: Vec<f32>,
+    k_by_channel: Vec<bool>,
 }
 
 fn problem(seed: u64, d: usize, n_head: usize, n_head_kv: usize, n_tokens: usize, n_kv: usize, frac: f32) -> Problem {
@@ -116,7 +118,28 @@ fn problem(seed: u64, d: usize, n_head: usize, n_head_kv: usize, n_tokens: usize
         v_overlay,
         slot_to_cell,
         mask,
+        k_by_channel: Vec::new(),
     }
+}
+
+/// The same problem with keys by channel in about half of its groups of 64 cells:
+/// new keys there, with channels of their own offsets and scales (Qwen2's keys), coded
+/// by channel (lq2.rs) into the store.
+fn with_keys_by_channel(mut p: Problem, seed: u64) -> Problem {
+    assert_eq!(p.n_kv % 64, 0);
+    let mut rng = Rng(seed | 1);
+    let row = p.n_head_kv * p.d;
+    let (offset, scale): (Vec<f32>, Vec<f32>) =
+        (0..row).map(|_| (rng.normal() * 4.0, 0.2 + 3.0 * rng.uniform())).unzip();
+    p.k_by_channel = (0..p.n_kv / 64).map(|_| rng.uniform() < 0.5).collect();
+    for g in 0..p.n_kv / 64 {
+        if p.k_by_channel[g] {
+            let rows: Vec<f32> = (0..64 * row).map(|i| offset[i % row] + scale[i % row] * rng.normal()).collect();
+            let group = lq2::quantize_by_channel(&rows, row);
+            p.k_store[g * group.len()..(g + 1) * group.len()].copy_from_slice(&group);
+        }
+    }
+    p
 }
 
 impl Problem {
@@ -138,7 +161,7 @@ impl Problem {
             slot_to_cell: &self.slot_to_cell,
             mask: &self.mask,
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-            k_by_channel: &[],
+            k_by_channel: &self.k_by_channel,
         };
         let cpu = two_tier_kernel::run(&case).unwrap();
         let gpu = two_tier_kernel::run_on(&case, GPU).unwrap();
@@ -186,6 +209,36 @@ fn two_tier_attention_on_cuda_equals_the_cpu() {
         }
     }
     eprintln!("{cases} cases, worst max |cuda - cpu| = {worst:e}");
+}
+
+/// Keys by channel: groups held by channel read on CUDA cores beside the tensor cores'
+/// per-token groups, in both kernel layouts, prefill and decode shapes.
+#[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
+fn keys_by_channel_on_cuda_equal_the_cpu() {
+    let mut cases = 0;
+    for (i, &d) in [64usize, 128, 256].iter().enumerate() {
+        for (j, &(n_head_kv, gqa, n_tokens)) in
+            [(1usize, 1usize, 1usize), (4, 4, 1), (8, 1, 2), (2, 2, 16)].iter().enumerate()
+        {
+            for (l, &frac) in [0.0f32, 0.3].iter().enumerate() {
+                let pick = (i * 4 + j) * 2 + l;
+                let n_kv = [704usize, 4096, 9024][pick % 3];
+                if n_kv * n_head_kv * d > 1 << 24 {
+                    continue;
+                }
+                let p = problem(pick as u64 * 15485863 + 5, d, n_head_kv * gqa, n_head_kv, n_tokens, n_kv, frac);
+                let p = with_keys_by_channel(p, pick as u64 + 11);
+                for force in ["1", "0"] {
+                    std::env::set_var("LOGQUANT_CUDA_GROUPED", force);
+                    p.assert_cuda_matches_cpu(1e-2);
+                }
+                std::env::remove_var("LOGQUANT_CUDA_GROUPED");
+                cases += 1;
+            }
+        }
+    }
+    eprintln!("{cases} keys-by-channel cases");
 }
 
 /// The decode shapes of grouped-query models with 4 or 8 KV heads (Llama 3 8B: 8 of 128),
@@ -271,6 +324,8 @@ fn run_n(model: &LoadedModel, kv: &str, n_seq: usize, wide: bool) -> Vec<Vec<f32
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
 fn a_model_on_cuda_matches_the_cpu_with_several_sequences() {
+    // keys by channel on the GPU: only where asked (the path is not offered yet)
+    std::env::set_var("LOGQUANT_CUDA_KEYS_BY_CHANNEL", "1");
     let path = common::tiny_model();
     let cpu = engine::load_model(&path, &ModelParams { gpu_layers: 0, ..ModelParams::default() }).unwrap();
     let gpu = engine::load_model(&path, &ModelParams { gpu_layers: -1, ..ModelParams::default() }).unwrap();
@@ -290,8 +345,8 @@ fn a_model_on_cuda_matches_the_cpu_with_several_sequences() {
     let f16 = kld(&run_three(&cpu, "f16"), &run_three(&gpu, "f16"));
     eprintln!("CPU vs CUDA mean/max KLD: f16 {f16:?}");
     // Keys centered (the default), both centered (offsets added back to the output on
-    // the GPU too), and none.
-    for kv in ["logquant:D=24", "logquant:D=24:center=kv", "logquant:D=24:center=none"] {
+    // the GPU too), none, and keys by channel (groups coded from the GPU's f16 copies).
+    for kv in ["logquant:D=24", "logquant:D=24:center=kv", "logquant:D=24:center=none", "streaming:D=64:keys=channel"] {
         let lq = kld(&run_three(&cpu, kv), &run_three(&gpu, kv));
         let q2_gap = kld(&run_three(&cpu, "f16"), &run_three(&cpu, kv));
         eprintln!("CPU vs CUDA mean/max KLD: {kv} {lq:?}; {kv} vs f16 on the CPU {q2_gap:?}");

@@ -118,8 +118,10 @@ LLAMA_API int32_t logquant_overlay_enable(struct llama_context * ctx, uint32_t n
 // every demoted key is read by channel. Same bytes as per-token lq2 (2.5 bits a value).
 // A micro-batch that writes into a group still holding older tokens (a rollback, a
 // sliding window that wraps), a position shift and a state save turn the group back
-// into per-token rows first. Needs an lq2 K store on the CPU (the CUDA kernel reads
-// per-token rows only) and a cache size that is a multiple of 64.
+// into per-token rows first. K is stored without llama.cpp's Hadamard rotation (which
+// would spread each channel's range over its head). Needs an lq2 K store and a cache
+// size that is a multiple of 64. CPU only for now: a cache on a GPU is refused (the
+// CUDA kernel's path for such groups exists but has not yet been checked on a GPU).
 #define LOGQUANT_KEYS_BY_CHANNEL (1u << 2)
 
 // logquant_overlay_enable with options: flags is 0 or LOGQUANT_CENTER_* and
@@ -191,7 +193,7 @@ struct logquant_attn_case {
     int32_t n_threads;
     float * out;                  // [n_tokens][n_head][head_dim]
     const uint8_t  * k_by_channel; // [n_kv/64]: nonzero where k_store's cells 64g .. 64g + 63
-                                   // hold their keys by channel (ggml-lq2.h); NULL: none (CPU only)
+                                   // hold their keys by channel (ggml-lq2.h); NULL: none
 };
 
 // Returns false (writing nothing) on NULL pointers or inconsistent sizes.

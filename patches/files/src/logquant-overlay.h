@@ -29,8 +29,9 @@ struct logquant_overlay {
     // Allocates n_slots per stream for every layer of kv (in the same buffer types as
     // the store), and the centering offsets when `flags` asks for centering
     // (LOGQUANT_CENTER_*). Throws std::runtime_error when kv cannot take an overlay or
-    // memory runs out.
-    logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32_t flags);
+    // memory runs out. lctx: the context that owns kv (synchronized before the overlay
+    // reads or rewrites cache data on the host).
+    logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32_t flags, llama_context * lctx);
 
     // Hook: the micro-batch `sinfo` was just written into the cells. Frees the slots
     // of emptied cells, then gives every written cell a slot (a full overlay leaves
@@ -111,6 +112,11 @@ struct logquant_overlay {
 
   private:
     void free_slot(uint32_t strm, int32_t slot);
+
+    // Waits for the context's computations: llama_decode returns with its graph still
+    // running on a GPU, which may be writing the data about to be read or rewritten.
+    void sync();
+    llama_context * lctx;
 
     // Takes stream strm's offsets from the tokens it holds (those of seq), then
     // rewrites both tiers of those tokens as centered values; see set_full_precision.

@@ -49,6 +49,9 @@ struct logquant_attn_layer {
 //   5 v_ov   [n_embd_v_gqa, n_slots*n_stream] f16 overlay rows of these streams
 //   6 s2c    [n_slots, n_stream] i32: the cell each slot holds, or -1 (a graph input:
 //            the CUDA kernels read it; the CPU reads state->slot_to_cell, the same map)
+//   7 kbc    [n_cells/64, n_stream] i32, only with keys by channel: nonzero where a
+//            group of 64 cells holds its keys by channel (CUDA; the CPU reads
+//            state->k_by_channel)
 // Store cells that have an overlay slot are skipped; K of cells in a group held by
 // channel (state->k_by_channel) is read as such, dequantized, against the f32 query; overlay slots take the mask
 // of the cell they hold. Each tier repeats the arithmetic of ggml's CPU flash

@@ -51,6 +51,8 @@ struct lq_attn_params {
     const char * kov;  const char * vov; int64_t ov_nb1; // f16 rows of this micro-batch's streams
     const int32_t * s2c; // [n_stream][n_slots]: the cell a slot holds, or -1
     int32_t n_slots;
+    const int32_t * kbc; // keys by channel: [n_stream][kbc_n] nonzero where a group of 64 cells
+    int32_t kbc_n;       // is held by channel (ggml-lq2.h); nullptr: none
     int32_t n_kv, N, n_head, n_head_kv, G;
     float scale, softcap, max_bias, m0, m1;
     uint32_t n_head_log2;
@@ -306,6 +308,41 @@ static __device__ __forceinline__ uint32_t lq_v_operand(const uint32_t x, const 
 // What multiplies a product of lq_v_operand<J> back to c.
 static __device__ __forceinline__ constexpr float lq_v_unscale(const int j) {
     return 16777216.0f / (float) (1u << 2*(j <= 4 ? j : j - 5));
+}
+
+// Keys by channel: the scores of the lane's cells c0 + r0 and c0 + r0 + 8 (queries cq,
+// cq + 1) that lie in a group held by channel, replacing the tensor cores' per-token
+// ones in x: block j of the group (KV head ikv's channel j) holds that channel's step,
+// minimum and 64 codes. Read from global memory (L1: a head's D blocks serve all the
+// group's cells), on CUDA cores, against the same int8-rounded query.
+template <int D>
+static __device__ __forceinline__ void lq_scores_by_channel(const lq_attn_params & P, const int z, const int ikv,
+        const int c0, const int w1, const int r0, const int cq, const int8_t (*s_qi8)[D],
+        const float (&qd)[D/QK_LQ2][2], float (&x)[2][2]) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        const int cell = c0 + r0 + 8*s;
+        if (cell >= w1 || P.kbc[(int64_t) z*P.kbc_n + cell/QK_LQ2] == 0) {
+            continue;
+        }
+        const block_lq2 * blk = (const block_lq2 *) (P.k + (int64_t) z*P.k_nb3 + (int64_t) (cell - cell % QK_LQ2)*P.k_nb1) + ikv*D;
+        const int byte = (cell % QK_LQ2)/4, shift = 2*(cell % 4);
+        float acc[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int b = 0; b < D/QK_LQ2; ++b) {
+            float ab[2] = {0.0f, 0.0f};
+            for (int j = b*QK_LQ2; j < (b + 1)*QK_LQ2; ++j) {
+                const float2 dm = __half22float2(*(const half2 *) &blk[j].d);
+                const float  kj = dm.y + dm.x*(float) ((blk[j].qs[byte] >> shift) & 3);
+                ab[0] += (float) s_qi8[cq][j]*kj;
+                ab[1] += (float) s_qi8[cq + 1][j]*kj;
+            }
+            acc[0] += qd[b][0]*ab[0];
+            acc[1] += qd[b][1]*ab[1];
+        }
+        x[s][0] = acc[0];
+        x[s][1] = acc[1];
+    }
 }
 
 // Store cells per warp and softmax update: two 16-cell tiles (one for head size 256,
@@ -715,6 +752,9 @@ static __device__ __forceinline__ void lq_store_tier(const lq_attn_params & P, c
                         x[s][e] = b == 0 ? y : x[s][e] + y;
                     }
                 }
+            }
+            if (P.kbc != nullptr) {
+                lq_scores_by_channel<D>(P, z, ikv, c0, w1, row_of(ue, 0), cq, s_qi8, qd, x);
             }
 #pragma unroll
             for (int s = 0; s < 2; ++s) {
@@ -1252,6 +1292,10 @@ static void lq_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     P.kov = (const char *) kov->data;   P.vov = (const char *) vov->data; P.ov_nb1 = kov->nb[1];
     P.s2c = (const int32_t *) s2c->data;
     P.n_slots   = (int32_t) s2c->ne[0];
+    if (const ggml_tensor * kbc = dst->src[7]) {
+        P.kbc   = (const int32_t *) kbc->data;
+        P.kbc_n = (int32_t) kbc->ne[0];
+    }
     P.n_kv      = (int32_t) k->ne[1];
     P.N         = (int32_t) q->ne[1];
     P.n_head    = (int32_t) q->ne[2];
@@ -1358,7 +1402,9 @@ bool logquant_cuda_supports_op(const ggml_tensor * op) {
                v->ne[0] == D && q->ne[0] == D && v->ne[2] == k->ne[2] && q->ne[2] % k->ne[2] == 0 &&
                op->src[4]->ne[0] % D == 0 && ggml_is_contiguous(op) && q->nb[0] == sizeof(float) &&
                op->src[4]->nb[0] == sizeof(half) && op->src[5]->nb[0] == sizeof(half) && op->src[4]->nb[1] == op->src[5]->nb[1] &&
-               k->ne[1] <= INT32_MAX / 2;
+               k->ne[1] <= INT32_MAX / 2 &&
+               (op->src[7] == nullptr || (op->src[7]->type == GGML_TYPE_I32 && ggml_is_contiguous(op->src[7]) &&
+                                          op->src[7]->ne[0]*QK_LQ2 >= k->ne[1] && op->src[7]->ne[1] >= q->ne[3]));
     }
     if (fun == logquant_overlay_write) {
         for (int i = 0; i < 5; ++i) {
