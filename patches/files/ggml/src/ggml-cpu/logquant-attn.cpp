@@ -25,11 +25,36 @@ struct head_state {
     float       Q_q[LQ_MAX_HEAD];   // q in the store's vec_dot type (at most f32-sized)
     ggml_fp16_t Q16[LQ_MAX_HEAD];
     float S1, M1, S2, M2;
+    float KS[QK_LQ2];   // keys by channel: the scores of group ks_group's 64 cells
+    int64_t ks_group;
     float slope;
     const ggml_fp16_t * mp;
     const float * pq;
     bool q_ready, q16_ready;
 };
+
+// Keys by channel: q . k of all 64 cells of a group held by channel at once, from the
+// head's DK blocks (block d: channel d's step, minimum and 64 codes): sum_d q_d m_d plus
+// sum_d (q_d step_d) code_d[t], 4 cells per code byte through the level table. A
+// group costs about what one cell's row decode and dot product cost per cell, in
+// loops the compiler vectorizes.
+static void group_scores_by_channel(const block_lq2 * blk, int64_t DK, const float * q, float * out) {
+    float acc[QK_LQ2] = {};
+    float base = 0.0f;
+    for (int64_t d = 0; d < DK; ++d) {
+        const float a = q[d]*GGML_CPU_FP16_TO_FP32(blk[d].d);
+        base += q[d]*GGML_CPU_FP16_TO_FP32(blk[d].m);
+        for (int b = 0; b < QK_LQ2/4; ++b) {
+            const float * l = ggml_lq2_levels[blk[d].qs[b]];
+            for (int i = 0; i < 4; ++i) {
+                acc[4*b + i] += a*l[i];
+            }
+        }
+    }
+    for (int t = 0; t < QK_LQ2; ++t) {
+        out[t] = base + acc[t];
+    }
+}
 
 // One step of flash attention's online softmax for a cell scoring s: raises the running
 // maximum M to s when s is larger (then the accumulator must be scaled by ms, and
@@ -98,7 +123,6 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
     // ~100 KiB per thread: on the heap of the thread, reused across calls
     static thread_local head_state G[LQ_MAX_GROUP];
     float V32[LQ_MAX_HEAD];
-    float K32[LQ_MAX_HEAD]; // a by-channel K row (keys by channel)
 
     // Work items: (stream, query, KV head, group of its query heads). The heads of a
     // group share each store cell's dequantized V row (the costly part of a quantized
@@ -131,7 +155,6 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
         const int32_t * c2s = st->cell_to_slot + strm * st->n_cells;
         const uint8_t * by_channel = st->k_by_channel ? st->k_by_channel + strm * (st->n_cells / QK_LQ2) : nullptr;
         const char *    k_stream   = (const char *) k->data + iq3*k->nb[3];
-        int64_t k32_cell = -1; // the cell whose by-channel K is in K32
         const int32_t * s2c = st->slot_to_cell + strm * n_slots;
 
         const int64_t ik2 = h0 / rk2;
@@ -149,6 +172,7 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
             G[j].M2 = -INFINITY;
             G[j].q_ready = false;
             G[j].q16_ready = false;
+            G[j].ks_group = -1;
             memset(G[j].VKQ, 0, DV * sizeof(float));
         }
 
@@ -181,14 +205,13 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
                 }
                 float s;
                 if (by_channel && by_channel[ic / QK_LQ2]) {
-                    // a group held by channel: this cell's K row of the KV head, dequantized
-                    // once for the item's heads, against the f32 query
-                    if (k32_cell != ic) {
+                    // a group held by channel: its 64 scores at once, against the f32 query
+                    if (g.ks_group != ic / QK_LQ2) {
                         const block_lq2 * group = (const block_lq2 *) (k_stream + (ic - ic % QK_LQ2)*k->nb[1]);
-                        dequantize_lq2_by_channel_row(group, int(ic % QK_LQ2), ik2*DK, DK, K32);
-                        k32_cell = ic;
+                        group_scores_by_channel(group + ik2*DK, DK, g.pq, g.KS);
+                        g.ks_group = ic / QK_LQ2;
                     }
-                    ggml_vec_dot_f32(DK, &s, 0, K32, 0, g.pq, 0, 1);
+                    s = g.KS[ic % QK_LQ2];
                 } else {
                     const char * k_data = (const char *) k->data + ic*k->nb[1] + ik2*k->nb[2] + iq3*k->nb[3];
                     kq_vec_dot(DK, &s, 0, k_data, 0, g.Q_q, 0, 1);
