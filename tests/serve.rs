@@ -2,8 +2,9 @@
 //! (tests/serve/client_test.py, in the venv that scripts/py-venv.sh makes from
 //! tests/serve/requirements.txt): chat, completion, streaming, models, 16 clients
 //! against 4 sequences (each answer equal to the request served alone), cancellation,
-//! bad requests and the API key, a full queue (503), SIGTERM. Loopback only, on the
-//! tiny synthetic model, with the two-tier cache.
+//! bad requests and the API key, a full queue (503), SIGTERM, and 16 clients against a
+//! server with keys by channel. Loopback only, on the tiny synthetic model, with the
+//! two-tier cache.
 #![cfg(feature = "serve")]
 
 mod common;

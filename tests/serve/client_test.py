@@ -286,6 +286,15 @@ def main():
     finally:
         main_server.proc.kill()
 
+    # keys by channel: groups of 64 prompt tokens coded in each stream under load (the
+    # newest 64 kept, so every demoted key is read by channel)
+    by_channel = Server(a.bin, a.model, "--kv", "streaming:D=64:keys=channel", "-c", "1024", "--parallel", "4",
+                        "--api-key", KEY, "-t", "1")
+    try:
+        run("check_concurrent_equals_alone (keys by channel)", check_concurrent_equals_alone, by_channel)
+    finally:
+        by_channel.proc.kill()
+
     small = Server(a.bin, a.model, "--kv", a.kv, "-c", "512", "--parallel", "1", "--queue", "1", "-t", "1")
     try:
         run("check_busy_gets_503", check_busy_gets_503, small)
