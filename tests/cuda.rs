@@ -324,8 +324,6 @@ fn run_n(model: &LoadedModel, kv: &str, n_seq: usize, wide: bool) -> Vec<Vec<f32
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
 fn a_model_on_cuda_matches_the_cpu_with_several_sequences() {
-    // keys by channel on the GPU: only where asked (the path is not offered yet)
-    std::env::set_var("LOGQUANT_CUDA_KEYS_BY_CHANNEL", "1");
     let path = common::tiny_model();
     let cpu = engine::load_model(&path, &ModelParams { gpu_layers: 0, ..ModelParams::default() }).unwrap();
     let gpu = engine::load_model(&path, &ModelParams { gpu_layers: -1, ..ModelParams::default() }).unwrap();

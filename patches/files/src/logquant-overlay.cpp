@@ -87,12 +87,6 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32
         if (keys_by_channel && layer.k->type != GGML_TYPE_LQ2) {
             throw std::runtime_error(std::string("keys by channel need the lq2 K store, not ") + ggml_type_name(layer.k->type));
         }
-        // LOGQUANT_CUDA_KEYS_BY_CHANNEL=1 lets the CUDA path run for its tests: its kernel
-        // has not yet been checked against the CPU on a GPU, so it is not offered.
-        if (keys_by_channel && !ggml_backend_buffer_is_host(layer.k->buffer) && getenv("LOGQUANT_CUDA_KEYS_BY_CHANNEL") == nullptr) {
-            throw std::runtime_error(std::string("keys by channel run on the CPU only so far; the KV cache lives on ") +
-                                     ggml_backend_buft_name(buft) + ": keep the cache on the CPU (--ngl 0)");
-        }
         // The two-tier kernels exist for the CPU and CUDA; elsewhere every step would
         // copy the whole cache to the host.
         if (!ggml_backend_buffer_is_host(layer.k->buffer) && std::string(ggml_backend_buft_name(buft)).rfind("CUDA", 0) != 0) {
