@@ -167,6 +167,7 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32
         }
         n_groups = n_cells / QK_LQ2;
         k_by_channel.assign(size_t(n_stream)*n_groups, 0);
+        written_groups.resize(n_stream);
         state.k_by_channel = k_by_channel.data();
         // No Hadamard rotation of K: it spreads a channel's offset and scale over the
         // head, the structure quantizing by channel exploits (Qwen2.5-Coder-0.5B, 4096
@@ -246,6 +247,9 @@ void logquant_overlay::on_ubatch(const llama_kv_cache::slot_info & sinfo, const 
         for (uint32_t ii = 0; ii < sinfo.size(); ++ii) {
             const uint32_t i    = s*sinfo.size() + ii;
             const uint32_t cell = sinfo.idxs[s][ii];
+            if (keys_by_channel && (written_groups[strm].empty() || written_groups[strm].back() != cell/QK_LQ2)) {
+                written_groups[strm].push_back(cell/QK_LQ2);
+            }
             int32_t & slot = cell_to_slot[size_t(strm)*n_cells + cell];
             if (slot < 0) {
                 if (free_slots[strm].empty()) {
@@ -273,6 +277,7 @@ void logquant_overlay::copy_maps(uint32_t ssrc, uint32_t sdst) {
     frozen[sdst]     = frozen[ssrc];
     if (keys_by_channel) {
         std::copy_n(k_by_channel.begin() + size_t(ssrc)*n_groups, n_groups, k_by_channel.begin() + size_t(sdst)*n_groups);
+        written_groups[sdst] = written_groups[ssrc];
     }
 }
 
@@ -503,8 +508,12 @@ void logquant_overlay::uncode_written(const llama_kv_cache::slot_info & sinfo) {
 
 void logquant_overlay::code_by_channel(uint32_t strm) {
     const auto & cells = kv.v_cells[strm];
+    std::vector<uint32_t> written;
+    written.swap(written_groups[strm]);
+    std::sort(written.begin(), written.end());
+    written.erase(std::unique(written.begin(), written.end()), written.end());
     std::vector<uint32_t> todo;
-    for (uint32_t g = 0; g < n_groups; ++g) {
+    for (uint32_t g : written) {
         if (k_by_channel[size_t(strm)*n_groups + g]) {
             continue;
         }

@@ -126,8 +126,9 @@ struct logquant_overlay {
     // Every slot of the stream free, in the order of a new context.
     void reset_slots(uint32_t strm);
 
-    // Keys by channel: rewrites by channel every group of the stream whose cells all
-    // hold a token with an f16 copy (from those copies), and marks it.
+    // Keys by channel: rewrites by channel every group of the stream written since the
+    // last call whose cells all hold a token with an f16 copy (from those copies), and
+    // marks it. (Only a write gives a cell a copy, so no other group can be ready.)
     void code_by_channel(uint32_t strm);
     // Rewrites the marked group g of stream strm as per-token rows again (from its
     // by-channel values) and unmarks it.
@@ -149,6 +150,7 @@ struct logquant_overlay {
     // (the kernels read it through state.k_by_channel); empty when off.
     std::vector<uint8_t> k_by_channel;
     uint32_t n_groups = 0; // groups per stream
+    std::vector<std::vector<uint32_t>> written_groups; // per stream: groups written since code_by_channel
 
     std::vector<int32_t> slot_to_cell; // [n_stream][n_slots]
     std::vector<int32_t> cell_to_slot; // [n_stream][n_cells]
