@@ -267,14 +267,14 @@ impl LoadedModel {
     }
 }
 
-/// lq2 as a single-tier cache (`q2`, or lq2 for K or V) goes through llama.cpp's own
-/// flash attention, which has an lq2 kernel on the CPU only: with the cache on a GPU
+/// lq2 or lq3 as a single-tier cache (`q2`, or lq2/lq3 for K or V) goes through
+/// llama.cpp's own flash attention, which has their kernels on the CPU only: with the cache on a GPU
 /// the scheduler would run every layer's attention on the CPU, copying the cache there
 /// each step (13 tokens/s for q2 on an H200 where logquant runs 225). The same 2-bit
 /// cache through logquant's GPU kernels is `logquant:D=0`.
 pub fn check_lq2_placement(kv: KvConfig, on_gpu: bool) -> Result<(), EngineError> {
-    let lq2 = kv.k == KvCacheType::Lq2 || kv.v == KvCacheType::Lq2;
-    if on_gpu && lq2 && kv.policy.is_none() {
+    let ours = !kv.k.is_stock() || !kv.v.is_stock(); // lq2 or lq3
+    if on_gpu && ours && kv.policy.is_none() {
         return Err(EngineError::Input(format!(
             "the single-tier {kv} cache has no GPU attention kernel (llama.cpp's flash attention would run on the CPU, copying the cache every step); use logquant:D=0 (every token 2-bit, through logquant's GPU kernels), or keep the cache on the CPU with --ngl 0"
         )));

@@ -13,9 +13,10 @@
 //! types runs on the CPU, the CUDA kernel runs lq2), and `center=kv|k|v|none` centers
 //! K and/or V per sequence before they are quantized (include/logquant.h,
 //! LOGQUANT_CENTER_K), `keys=channel` quantizes demoted keys by channel in groups of
-//! 64 tokens (KIVI; lq2 K store, without the Hadamard rotation), and `swa=recent|same` chooses what the
-//! sliding-window layers keep (their newest D tokens, or the policy's set), e.g.
-//! `logquant:D=384:k=q4_0:center=k`.
+//! 64 tokens (KIVI; lq2 or lq3 K store, without the Hadamard rotation), and
+//! `swa=recent|same` chooses what the sliding-window layers keep (their newest D
+//! tokens, or the policy's set), e.g. `logquant:D=384:k=q4_0:center=k` or
+//! `logquant:D=126:k=lq3:keys=channel` (3-bit keys by channel, 2-bit values).
 //!
 //! The default budget is D = 384 (LogQuant's W = 128): the newest 128 tokens and 256
 //! log-spaced older ones. It is 9% of a 4096-token context, and at 16384 tokens the
@@ -41,7 +42,7 @@ pub struct KvConfig {
     pub swa_recent: bool,
     /// Two-tier cache: keys by channel (KIVI; `keys=channel`): groups of 64 demoted
     /// tokens are quantized per channel rather than per token (include/logquant.h,
-    /// LOGQUANT_KEYS_BY_CHANNEL). Needs the lq2 K store.
+    /// LOGQUANT_KEYS_BY_CHANNEL). Needs an lq2 or lq3 K store.
     pub keys_by_channel: bool,
 }
 
@@ -212,9 +213,9 @@ impl KvConfig {
                 }
             });
         }
-        if cfg.keys_by_channel && cfg.k != KvCacheType::Lq2 {
+        if cfg.keys_by_channel && !matches!(cfg.k, KvCacheType::Lq2 | KvCacheType::Lq3) {
             return Some(Err(err(format!(
-                "keys=channel quantizes the lq2 K store by channel; drop k={} or keys=channel",
+                "keys=channel quantizes an lq2 or lq3 K store by channel; use k=lq2 or k=lq3, or drop keys=channel (not k={})",
                 cfg.k.name()
             ))));
         }
@@ -398,6 +399,10 @@ mod tests {
         assert!(kc.keys_by_channel);
         assert_eq!(kc.to_string(), "logquant:D=384:keys=channel");
         assert!(!KvConfig::parse("logquant:keys=token").unwrap().keys_by_channel);
+        let k3 = KvConfig::parse("logquant:D=126:k=lq3:keys=channel").unwrap();
+        assert_eq!((k3.k, k3.v, k3.keys_by_channel), (KvCacheType::Lq3, KvCacheType::Lq2, true));
+        assert_eq!(k3.to_string(), "logquant:D=126:k=lq3:keys=channel");
+        assert_eq!(k3.bits_per_value(), 3.0);
         for bad in [
             "logquant:center=x",
             "logquant:k=q3_0",

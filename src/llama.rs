@@ -913,60 +913,96 @@ impl Drop for Sampler {
 // The 2-bit KV format's kernels (for tests against crate::lq2)
 // ---------------------------------------------------------------------------------
 
-/// The C kernels of the lq2 format, exactly as the KV cache runs them.
+/// The C kernels of the lq2 and lq3 formats, exactly as the KV cache runs them. The
+/// functions without `_as` are lq2's.
 pub mod lq2_kernels {
     use super::{ffi, LlamaError};
+    pub use crate::lq2::Format;
 
     fn check(n: usize) -> Result<(), LlamaError> {
         if n == 0 || n % 64 != 0 {
-            return Err(LlamaError::InvalidArgument(format!("lq2 needs a positive multiple of 64 values, not {n}")));
+            return Err(LlamaError::InvalidArgument(format!("lq2/lq3 need a positive multiple of 64 values, not {n}")));
         }
         Ok(())
     }
 
     pub fn block_bytes() -> usize {
-        unsafe { ffi::logquant_lq2_block_bytes() }
+        block_bytes_of(Format::Lq2)
+    }
+
+    /// Bytes of a block as the patched ggml has it.
+    pub fn block_bytes_of(format: Format) -> usize {
+        unsafe { ffi::logquant_lq_block_bytes(format.ggml_type()) }
     }
 
     /// `reference`: ggml's from_float_ref; else the CPU backend's from_float (set_rows).
     pub fn quantize(x: &[f32], reference: bool) -> Result<Vec<u8>, LlamaError> {
-        check(x.len())?;
-        let mut out = vec![0u16; x.len() / 64 * block_bytes() / 2];
-        let ok = unsafe { ffi::logquant_lq2_quantize(x.as_ptr(), out.as_mut_ptr().cast(), x.len() as i64, reference) };
-        let bytes = out.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        ok.then_some(bytes).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_quantize refused".into()))
+        quantize_as(Format::Lq2, x, reference)
     }
 
-    /// The blocks copied into 2-byte-aligned storage: block_lq2 holds u16 fields, and
+    pub fn quantize_as(format: Format, x: &[f32], reference: bool) -> Result<Vec<u8>, LlamaError> {
+        check(x.len())?;
+        let mut out = vec![0u16; x.len() / 64 * block_bytes_of(format) / 2];
+        let ok = unsafe {
+            ffi::logquant_lq_quantize(
+                format.ggml_type(),
+                x.as_ptr(),
+                out.as_mut_ptr().cast(),
+                x.len() as i64,
+                reference,
+            )
+        };
+        let bytes = out.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        ok.then_some(bytes).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq_quantize refused".into()))
+    }
+
+    /// The blocks copied into 2-byte-aligned storage: the blocks hold u16 fields, and
     /// a `&[u8]` may start anywhere.
     fn aligned(blocks: &[u8]) -> Vec<u16> {
         blocks.chunks(2).map(|c| u16::from_ne_bytes([c[0], *c.get(1).unwrap_or(&0)])).collect()
     }
 
     pub fn dequantize(blocks: &[u8]) -> Result<Vec<f32>, LlamaError> {
-        let bb = block_bytes();
+        dequantize_as(Format::Lq2, blocks)
+    }
+
+    pub fn dequantize_as(format: Format, blocks: &[u8]) -> Result<Vec<f32>, LlamaError> {
+        let bb = block_bytes_of(format);
         if blocks.is_empty() || blocks.len() % bb != 0 {
             return Err(LlamaError::InvalidArgument(format!("{} bytes is not a whole number of blocks", blocks.len())));
         }
         let n = blocks.len() / bb * 64;
         let mut out = vec![0f32; n];
         let blocks = aligned(blocks);
-        let ok = unsafe { ffi::logquant_lq2_dequantize(blocks.as_ptr().cast(), out.as_mut_ptr(), n as i64) };
-        ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_dequantize refused".into()))
+        let ok = unsafe {
+            ffi::logquant_lq_dequantize(format.ggml_type(), blocks.as_ptr().cast(), out.as_mut_ptr(), n as i64)
+        };
+        ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq_dequantize refused".into()))
     }
 
     /// Quantization as the cache writes tokens: ggml_set_rows of rows of `n_per_row`
     /// values into an lq2 tensor on the ggml backend `backend` ("CPU", "CUDA0", ...).
     pub fn set_rows_on(x: &[f32], n_per_row: usize, backend: &str) -> Result<Vec<u8>, LlamaError> {
+        set_rows_as_on(Format::Lq2, x, n_per_row, backend)
+    }
+
+    pub fn set_rows_as_on(format: Format, x: &[f32], n_per_row: usize, backend: &str) -> Result<Vec<u8>, LlamaError> {
         check(n_per_row)?;
         if x.is_empty() || x.len() % n_per_row != 0 {
             return Err(LlamaError::InvalidArgument("x is not a whole number of rows".into()));
         }
         let name = super::backend_name(backend)?;
-        let mut out = vec![0u16; x.len() / 64 * block_bytes() / 2];
+        let mut out = vec![0u16; x.len() / 64 * block_bytes_of(format) / 2];
         let rows = (x.len() / n_per_row) as i64;
         let ok = unsafe {
-            ffi::logquant_lq2_set_rows_run(x.as_ptr(), rows, n_per_row as i64, out.as_mut_ptr().cast(), name.as_ptr())
+            ffi::logquant_lq_set_rows_run(
+                format.ggml_type(),
+                x.as_ptr(),
+                rows,
+                n_per_row as i64,
+                out.as_mut_ptr().cast(),
+                name.as_ptr(),
+            )
         };
         if !ok {
             return Err(super::last_logquant_error());
@@ -976,14 +1012,20 @@ pub mod lq2_kernels {
 
     /// The CPU dot product of attention's K.q: dequant(blocks) . y.
     pub fn dot(blocks: &[u8], y: &[f32]) -> Result<f32, LlamaError> {
+        dot_as(Format::Lq2, blocks, y)
+    }
+
+    pub fn dot_as(format: Format, blocks: &[u8], y: &[f32]) -> Result<f32, LlamaError> {
         check(y.len())?;
-        if blocks.len() != y.len() / 64 * block_bytes() {
+        if blocks.len() != y.len() / 64 * block_bytes_of(format) {
             return Err(LlamaError::InvalidArgument("blocks and y differ in length".into()));
         }
         let mut out = 0f32;
         let blocks = aligned(blocks);
-        let ok = unsafe { ffi::logquant_lq2_dot(blocks.as_ptr().cast(), y.as_ptr(), y.len() as i64, &mut out) };
-        ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq2_dot refused".into()))
+        let ok = unsafe {
+            ffi::logquant_lq_dot(format.ggml_type(), blocks.as_ptr().cast(), y.as_ptr(), y.len() as i64, &mut out)
+        };
+        ok.then_some(out).ok_or_else(|| LlamaError::InvalidArgument("logquant_lq_dot refused".into()))
     }
 }
 
@@ -1013,6 +1055,8 @@ pub mod two_tier_kernel {
         /// Keys by channel: per group of 64 cells, whether `k_store` holds it by
         /// channel (lq2::quantize_by_channel's layout); empty: none.
         pub k_by_channel: &'a [bool],
+        /// The K store's format (the V store is lq2).
+        pub k_format: super::lq2_kernels::Format,
     }
 
     /// The attention output [tokens][heads][dim], from the CPU kernel.
@@ -1047,11 +1091,12 @@ pub mod two_tier_kernel {
     fn raw_case(c: &Case, out: &mut [f32]) -> Result<ffi::logquant_attn_case, LlamaError> {
         let bad = |what: &str| Err(LlamaError::InvalidArgument(format!("two-tier attention case: {what}")));
         let row = c.head_dim / 64 * super::lq2_kernels::block_bytes();
+        let k_row = c.head_dim / 64 * super::lq2_kernels::block_bytes_of(c.k_format);
         let n_slots = c.slot_to_cell.len();
         if c.q.len() != c.n_tokens * c.n_head * c.head_dim || c.mask.len() != c.n_tokens * c.n_kv {
             return bad("q or mask has the wrong length");
         }
-        if c.k_store.len() != c.n_kv * c.n_head_kv * row || c.v_store.len() != c.k_store.len() {
+        if c.k_store.len() != c.n_kv * c.n_head_kv * k_row || c.v_store.len() != c.n_kv * c.n_head_kv * row {
             return bad("store has the wrong length");
         }
         let ov = n_slots * c.n_head_kv * c.head_dim;
@@ -1084,6 +1129,7 @@ pub mod two_tier_kernel {
             out: out.as_mut_ptr(),
             // bool is one byte of 0 or 1 in Rust, what the C side reads as uint8_t
             k_by_channel: if c.k_by_channel.is_empty() { std::ptr::null() } else { c.k_by_channel.as_ptr().cast() },
+            k_type: c.k_format.ggml_type(),
         })
     }
 }

@@ -1,35 +1,72 @@
-//! An independent Rust implementation of logquant's 2-bit KV format (`lq2`), written
-//! from its definition (patches/files/ggml/src/ggml-lq2.h) to check the C kernels:
+//! An independent Rust implementation of logquant's 2- and 3-bit KV formats (`lq2`,
+//! `lq3`), written from their definition (patches/files/ggml/src/ggml-lq2.h) to check
+//! the C kernels:
 //!
-//! x ~= m + d * q, q in {0..3}, per group of 64 values, d and m stored as f16 (20 bytes
-//! per 64 values: 2.5 bits per value). m and d start at min and (max - min) / 3 and are
-//! refined by least squares (a few Lloyd rounds on the uniform 4-level grid), which
-//! halves the squared error on Gaussian-like data at the price of clipping extremes.
+//! x ~= m + d * q, q in {0..qmax} (qmax 3 for lq2, 7 for lq3), per group of 64 values,
+//! d and m stored as f16 (20 or 28 bytes per 64 values: 2.5 or 3.5 bits per value). m
+//! and d start at min and (max - min) / qmax and are refined by least squares (a few
+//! Lloyd rounds on the uniform grid), which halves the squared error on Gaussian-like
+//! data at the price of clipping extremes.
 
 use crate::gguf::{f16_bits_to_f32, f32_to_f16_bits};
 
 pub const BLOCK_VALUES: usize = 64;
+/// Bytes of an lq2 block.
 pub const BLOCK_BYTES: usize = 20;
+
+/// One of logquant's block formats.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// 2 bits a value: d, m, 16 bytes of codes (20 bytes).
+    Lq2,
+    /// 3 bits a value: d, m, the low 2 bits as in lq2, then 8 bytes of high bits (28 bytes).
+    Lq3,
+}
+
+impl Format {
+    /// The largest level.
+    pub fn qmax(self) -> u8 {
+        match self {
+            Format::Lq2 => 3,
+            Format::Lq3 => 7,
+        }
+    }
+
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Format::Lq2 => BLOCK_BYTES,
+            Format::Lq3 => 28,
+        }
+    }
+
+    /// The ggml type id (`GGML_TYPE_LQ2` / `GGML_TYPE_LQ3` of the patched ggml.h).
+    pub fn ggml_type(self) -> i32 {
+        match self {
+            Format::Lq2 => 43,
+            Format::Lq3 => 44,
+        }
+    }
+}
 const F16_MAX: f32 = 65504.0;
 
 /// Least-squares rounds (ggml-lq2.c's LQ2_FIT_ROUNDS).
 const FIT_ROUNDS: usize = 4;
 
-/// The level of `x` for minimum `m` and inverse step `id`: round half up onto 0..=3,
-/// NaN to 0.
-fn level(x: f32, m: f32, id: f32) -> u8 {
+/// The level of `x` for minimum `m` and inverse step `id`: round half up onto
+/// 0..=qmax, NaN to 0.
+fn level(x: f32, m: f32, id: f32, qmax: u8) -> u8 {
     let t = (x - m) * id;
     if t.is_nan() || t <= 0.0 {
         0
-    } else if t >= 3.0 {
-        3
+    } else if t >= qmax as f32 {
+        qmax
     } else {
         (t + 0.5) as u8
     }
 }
 
 /// Lloyd rounds on the uniform grid, in f64 with the same fused products as the C code.
-fn fit(group: &[f32], m0: f32, d0: f32) -> (f32, f32) {
+fn fit(group: &[f32], m0: f32, d0: f32, qmax: u8) -> (f32, f32) {
     let (mut m, mut d) = (m0 as f64, d0 as f64);
     for _ in 0..FIT_ROUNDS {
         if d.is_nan() || d <= 0.0 {
@@ -39,7 +76,7 @@ fn fit(group: &[f32], m0: f32, d0: f32) -> (f32, f32) {
         let (mut n, mut sq, mut sqq, mut sx, mut sqx) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
         for &x in group.iter().filter(|x| !x.is_nan()) {
             let v = x.clamp(-F16_MAX, F16_MAX) as f64;
-            let q = level(v as f32, mf, idf) as f64;
+            let q = level(v as f32, mf, idf, qmax) as f64;
             n += 1.0;
             sq += q;
             sqq = q.mul_add(q, sqq);
@@ -60,39 +97,60 @@ fn fit(group: &[f32], m0: f32, d0: f32) -> (f32, f32) {
     ((m as f32).clamp(-F16_MAX, F16_MAX), (d as f32).clamp(-F16_MAX, F16_MAX))
 }
 
-/// Quantizes `x` (a multiple of 64 values) into blocks.
+/// Quantizes `x` (a multiple of 64 values) into lq2 blocks.
 pub fn quantize(x: &[f32]) -> Vec<u8> {
-    assert_eq!(x.len() % BLOCK_VALUES, 0, "lq2 works on groups of 64 values");
-    let mut out = Vec::with_capacity(x.len() / BLOCK_VALUES * BLOCK_BYTES);
+    quantize_as(Format::Lq2, x)
+}
+
+/// Quantizes `x` (a multiple of 64 values) into blocks of `format`.
+pub fn quantize_as(format: Format, x: &[f32]) -> Vec<u8> {
+    assert_eq!(x.len() % BLOCK_VALUES, 0, "lq2/lq3 work on groups of 64 values");
+    let qmax = format.qmax();
+    let mut out = Vec::with_capacity(x.len() / BLOCK_VALUES * format.block_bytes());
     for group in x.chunks(BLOCK_VALUES) {
         let finite_or_inf = group.iter().copied().filter(|v| !v.is_nan());
         let (lo, hi) = finite_or_inf.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
         let (lo, hi) = if lo > hi { (0.0, 0.0) } else { (lo.clamp(-F16_MAX, F16_MAX), hi.clamp(-F16_MAX, F16_MAX)) };
-        let (m0, d0) = fit(group, lo, (hi - lo) / 3.0);
+        let (m0, d0) = fit(group, lo, (hi - lo) / qmax as f32, qmax);
         let m_bits = f32_to_f16_bits(m0);
         let d_bits = f32_to_f16_bits(d0);
         let (m, d) = (f16_bits_to_f32(m_bits), f16_bits_to_f32(d_bits));
         out.extend(d_bits.to_le_bytes());
         out.extend(m_bits.to_le_bytes());
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut packed = [0u8; BLOCK_VALUES / 4];
+        let mut low = [0u8; BLOCK_VALUES / 4];
+        let mut high = [0u8; BLOCK_VALUES / 8];
         for (j, &v) in group.iter().enumerate() {
-            packed[j / 4] |= level(v, m, id) << (2 * (j % 4));
+            let q = level(v, m, id, qmax);
+            low[j / 4] |= (q & 3) << (2 * (j % 4));
+            high[j / 8] |= (q >> 2) << (j % 8);
         }
-        out.extend(packed);
+        out.extend(low);
+        if format == Format::Lq3 {
+            out.extend(high);
+        }
     }
     out
 }
 
-/// The value of level `q` in a block: m + d * q.
+/// The value of level `q` in an lq2 block: m + d * q.
 pub fn dequantize(blocks: &[u8]) -> Vec<f32> {
-    assert_eq!(blocks.len() % BLOCK_BYTES, 0);
-    let mut out = Vec::with_capacity(blocks.len() / BLOCK_BYTES * BLOCK_VALUES);
-    for b in blocks.chunks(BLOCK_BYTES) {
+    dequantize_as(Format::Lq2, blocks)
+}
+
+/// The values blocks of `format` hold.
+pub fn dequantize_as(format: Format, blocks: &[u8]) -> Vec<f32> {
+    let bb = format.block_bytes();
+    assert_eq!(blocks.len() % bb, 0);
+    let mut out = Vec::with_capacity(blocks.len() / bb * BLOCK_VALUES);
+    for b in blocks.chunks(bb) {
         let d = f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
         let m = f16_bits_to_f32(u16::from_le_bytes([b[2], b[3]]));
         for j in 0..BLOCK_VALUES {
-            let q = (b[4 + j / 4] >> (2 * (j % 4))) & 3;
+            let mut q = (b[4 + j / 4] >> (2 * (j % 4))) & 3;
+            if format == Format::Lq3 {
+                q |= ((b[20 + j / 8] >> (j % 8)) & 1) << 2;
+            }
             out.push(m + d * q as f32);
         }
     }
@@ -102,28 +160,44 @@ pub fn dequantize(blocks: &[u8]) -> Vec<f32> {
 /// Keys by channel (ggml-lq2.h): 64 rows of `n` values (row-major) as one group of
 /// `n` blocks, block j holding channel j of the 64 rows (value t = row t).
 pub fn quantize_by_channel(rows: &[f32], n: usize) -> Vec<u8> {
-    assert_eq!(rows.len(), BLOCK_VALUES * n, "a group is 64 rows");
-    let columns: Vec<f32> = (0..n).flat_map(|j| (0..BLOCK_VALUES).map(move |t| rows[t * n + j])).collect();
-    quantize(&columns)
+    quantize_by_channel_as(Format::Lq2, rows, n)
 }
 
-/// The 64 rows of `n` values (row-major) a group held by channel decodes to.
+/// The same in blocks of `format`.
+pub fn quantize_by_channel_as(format: Format, rows: &[f32], n: usize) -> Vec<u8> {
+    assert_eq!(rows.len(), BLOCK_VALUES * n, "a group is 64 rows");
+    let columns: Vec<f32> = (0..n).flat_map(|j| (0..BLOCK_VALUES).map(move |t| rows[t * n + j])).collect();
+    quantize_as(format, &columns)
+}
+
+/// The 64 rows of `n` values (row-major) an lq2 group held by channel decodes to.
 pub fn dequantize_by_channel(group: &[u8], n: usize) -> Vec<f32> {
-    let columns = dequantize(group);
+    dequantize_by_channel_as(Format::Lq2, group, n)
+}
+
+/// The same for a group in blocks of `format`.
+pub fn dequantize_by_channel_as(format: Format, group: &[u8], n: usize) -> Vec<f32> {
+    let columns = dequantize_as(format, group);
     assert_eq!(columns.len(), BLOCK_VALUES * n, "a group is n blocks");
     (0..BLOCK_VALUES).flat_map(|t| (0..n).map(|j| columns[j * BLOCK_VALUES + t]).collect::<Vec<_>>()).collect()
 }
 
-/// The largest error the format allows for one value `x` of a block holding minimum
-/// `m` and step `d` (as dequantized): half a step inside the levels' range [m, m + 3d],
-/// the distance to the range outside it (the least-squares fit clips extremes), plus
-/// the f16 rounding of the quantization point and the f16 range's clamp.
+/// The largest error lq2 allows for one value `x` of a block holding minimum `m` and
+/// step `d` (as dequantized): half a step inside the levels' range [m, m + 3d], the
+/// distance to the range outside it (the least-squares fit clips extremes), plus the
+/// f16 rounding of the quantization point and the f16 range's clamp.
 pub fn error_bound(x: f32, m: f32, d: f32) -> f32 {
+    error_bound_as(Format::Lq2, x, m, d)
+}
+
+/// The same for `format` (levels' range [m, m + qmax d]).
+pub fn error_bound_as(format: Format, x: f32, m: f32, d: f32) -> f32 {
     let x = x.clamp(-F16_MAX, F16_MAX);
-    let (lo, hi) = (m, m + 3.0 * d);
+    let top = format.qmax() as f32 * d;
+    let (lo, hi) = (m, m + top);
     let outside = (lo - x).max(x - hi).max(0.0);
     let eps = 2f32.powi(-11);
-    (0.5 * d).max(outside) * (1.0 + eps) + eps * (m.abs() + 3.0 * d) + 1e-30
+    (0.5 * d).max(outside) * (1.0 + eps) + eps * (m.abs() + top) + 1e-30
 }
 
 /// The minimum and step a block stores.
@@ -158,6 +232,17 @@ mod tests {
         for (a, b) in rows.iter().zip(&back) {
             assert_eq!(*b, f16_bits_to_f32(f32_to_f16_bits(*a)));
         }
+    }
+
+    #[test]
+    fn eight_levels_round_trip_exactly_in_lq3() {
+        let x: Vec<f32> = (0..64).map(|i| (i % 8) as f32 * 0.5 - 1.0).collect();
+        let blocks = quantize_as(Format::Lq3, &x);
+        assert_eq!(blocks.len(), 28);
+        assert_eq!(dequantize_as(Format::Lq3, &blocks), x);
+        // the low bits are lq2's layout
+        assert_eq!(blocks[4] & 3, 0);
+        assert_eq!(blocks[20], 0b1111_0000);
     }
 
     #[test]

@@ -285,7 +285,7 @@ struct ContextArgs {
     /// Physical batch size: the most tokens computed at once.
     #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
     ubatch_size: u32,
-    /// KV cache type for K (one of f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1, lq2).
+    /// KV cache type for K (one of f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1, lq2, lq3).
     #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = parse_cache_type)]
     cache_type_k: KvCacheType,
     /// KV cache type for V (quantized V needs flash attention).

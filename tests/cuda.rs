@@ -162,6 +162,7 @@ impl Problem {
             mask: &self.mask,
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             k_by_channel: &self.k_by_channel,
+            k_format: lq2_kernels::Format::Lq2,
         };
         let cpu = two_tier_kernel::run(&case).unwrap();
         let gpu = two_tier_kernel::run_on(&case, GPU).unwrap();
@@ -405,6 +406,7 @@ fn time_the_attention_kernel() {
             mask: &mask,
             threads: 1,
             k_by_channel: &[],
+            k_format: lq2_kernels::Format::Lq2,
         };
         let ms = two_tier_kernel::time_on(&case, GPU, 50).unwrap();
         let bytes = 2 * k_store.len() + 2 * 2 * k_overlay.len() + 2 * depth;

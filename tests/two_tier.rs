@@ -11,6 +11,7 @@ use logquant::engine::{self, ContextConfig, LoadedModel};
 use logquant::eval;
 use logquant::gguf::{f16_bits_to_f32, f32_to_f16_bits};
 use logquant::kvconfig::{Centering, KvConfig};
+use logquant::llama::lq2_kernels::Format;
 use logquant::llama::two_tier_kernel::{self, Case};
 use logquant::llama::{lq2_kernels, Batch, ModelParams};
 use logquant::lq2;
@@ -86,7 +87,8 @@ fn reference(
 
 /// Builds one random problem, runs the kernel and the reference, returns the largest
 /// absolute difference. `by_channel`: a random half of the groups of 64 cells hold
-/// their keys by channel (lq2::quantize_by_channel), the rest per token.
+/// their keys by channel (lq2::quantize_by_channel_as), the rest per token; the K
+/// store is in `k_format` (lq2 or lq3), the V store lq2.
 #[allow(clippy::too_many_arguments)]
 fn kernel_vs_reference(
     seed: u64,
@@ -97,6 +99,7 @@ fn kernel_vs_reference(
     n_kv: usize,
     frac: f32,
     by_channel: bool,
+    k_format: Format,
 ) -> f32 {
     let mut rng = Rng(seed | 1);
     let n_head = n_head_kv * gqa;
@@ -104,16 +107,18 @@ fn kernel_vs_reference(
     let q: Vec<f32> = (0..n_tokens * n_head * d).map(|_| rng.normal()).collect();
     let k: Vec<f32> = (0..values).map(|_| rng.normal() * 2.0).collect();
     let v: Vec<f32> = (0..values).map(|_| rng.normal()).collect();
-    let (mut k_store, v_store) = (lq2_kernels::quantize(&k, false).unwrap(), lq2_kernels::quantize(&v, false).unwrap());
-    let (mut k_deq, v_deq) = (lq2::dequantize(&k_store), lq2::dequantize(&v_store));
+    let mut k_store = lq2_kernels::quantize_as(k_format, &k, false).unwrap();
+    let v_store = lq2_kernels::quantize(&v, false).unwrap();
+    let (mut k_deq, v_deq) = (lq2::dequantize_as(k_format, &k_store), lq2::dequantize(&v_store));
     // keys by channel: each chosen group's bytes and values replaced
     let row = n_head_kv * d;
     let k_by_channel: Vec<bool> =
         if by_channel { (0..n_kv / 64).map(|_| rng.uniform() < 0.5).collect() } else { Vec::new() };
     for (g, _) in k_by_channel.iter().enumerate().filter(|(_, &on)| on) {
-        let (values, bytes) = (g * 64 * row..(g + 1) * 64 * row, g * 64 * row / 64 * 20..(g + 1) * 64 * row / 64 * 20);
-        let group = lq2::quantize_by_channel(&k[values.clone()], row);
-        k_deq[values].copy_from_slice(&lq2::dequantize_by_channel(&group, row));
+        let bb = k_format.block_bytes();
+        let (values, bytes) = (g * 64 * row..(g + 1) * 64 * row, g * row * bb..(g + 1) * row * bb);
+        let group = lq2::quantize_by_channel_as(k_format, &k[values.clone()], row);
+        k_deq[values].copy_from_slice(&lq2::dequantize_by_channel_as(k_format, &group, row));
         k_store[bytes].copy_from_slice(&group);
     }
 
@@ -154,6 +159,7 @@ fn kernel_vs_reference(
         mask: &mask,
         threads: 2,
         k_by_channel: &k_by_channel,
+        k_format,
     };
     let got = two_tier_kernel::run(&case).unwrap();
     let want =
@@ -179,7 +185,7 @@ proptest! {
         n_kv in 1usize..96,
         frac in prop_oneof![Just(0.0f32), Just(0.3), Just(0.7), Just(1.0)],
     ) {
-        let err = kernel_vs_reference(seed, d, n_head_kv, gqa, n_tokens, n_kv, frac, false);
+        let err = kernel_vs_reference(seed, d, n_head_kv, gqa, n_tokens, n_kv, frac, false, Format::Lq2);
         let tol = if frac == 0.0 { 1e-4 } else { 1e-2 };
         prop_assert!(err <= tol, "max |kernel - reference| = {} > {}", err, tol);
     }
@@ -196,7 +202,24 @@ proptest! {
         n_groups in 1usize..5,
         frac in prop_oneof![Just(0.0f32), Just(0.5)],
     ) {
-        let err = kernel_vs_reference(seed, d, n_head_kv, gqa, n_tokens, 64 * n_groups, frac, true);
+        let err = kernel_vs_reference(seed, d, n_head_kv, gqa, n_tokens, 64 * n_groups, frac, true, Format::Lq2);
+        let tol = if frac == 0.0 { 1e-4 } else { 1e-2 };
+        prop_assert!(err <= tol, "max |kernel - reference| = {} > {}", err, tol);
+    }
+
+    /// A 3-bit K store (lq3), per token and by channel: the same kernels read it.
+    #[test]
+    fn lq3_keys_attention_equals_the_reference(
+        seed in any::<u64>(),
+        d in prop_oneof![Just(64usize), Just(128)],
+        n_head_kv in 1usize..3,
+        gqa in prop_oneof![Just(1usize), Just(4)],
+        n_tokens in 1usize..3,
+        n_groups in 1usize..4,
+        frac in prop_oneof![Just(0.0f32), Just(0.5)],
+        by_channel in any::<bool>(),
+    ) {
+        let err = kernel_vs_reference(seed, d, n_head_kv, gqa, n_tokens, 64 * n_groups, frac, by_channel, Format::Lq3);
         let tol = if frac == 0.0 { 1e-4 } else { 1e-2 };
         prop_assert!(err <= tol, "max |kernel - reference| = {} > {}", err, tol);
     }
@@ -224,6 +247,7 @@ fn the_kernel_rejects_inconsistent_cases() {
         mask: &[0.0],
         threads: 1,
         k_by_channel: &[],
+        k_format: Format::Lq2,
     };
     // One cell in the overlay: the output is its f16 V (1.0), whatever the store holds.
     assert_eq!(two_tier_kernel::run(&case).unwrap(), vec![0.0f32; d], "overlay V is zero here");
@@ -557,6 +581,26 @@ fn keys_by_channel_reach_the_store() {
     two_sequences_together_and_alone(&model, "streaming:D=64:keys=channel", &tokens[..96], &b);
 }
 
+/// The same with a 3-bit K store: per-token lq3 until the first group is demoted, then
+/// by channel; closer to f16 than 2-bit keys by channel.
+#[test]
+fn lq3_keys_by_channel_reach_the_store() {
+    std::env::set_var("LLAMA_ATTN_ROT_DISABLE", "1");
+    let model = tiny();
+    let tokens = some_tokens(192, model.model.n_vocab());
+    let run = |kv: &str| logits_by_step(&mut context(&model, kv, 256, 1, 16), &tokens, 16);
+    let by_token = run("streaming:D=64:center=none:k=lq3");
+    let by_channel = run("streaming:D=64:center=none:k=lq3:keys=channel");
+    assert!(by_token[..80] == by_channel[..80], "the first 80 positions differ");
+    assert!(max_kld(&by_token[80..], &by_channel[80..]) > 1e-6);
+    let f16 = run("f16");
+    let lq2_keys = run("streaming:D=64:center=none:keys=channel");
+    assert!(max_kld(&f16, &by_channel) < max_kld(&f16, &lq2_keys), "3-bit keys no closer to f16 than 2-bit");
+    let n_vocab = model.model.n_vocab();
+    let b: Vec<i32> = some_tokens(96 + 7, n_vocab)[7..].to_vec();
+    two_sequences_together_and_alone(&model, "streaming:D=64:k=lq3:keys=channel", &tokens[..96], &b);
+}
+
 /// What the store holds with keys by channel, read back token by token as attention
 /// reads it, against lq2.rs's independent implementation: a group coded from its f16
 /// copies is quantize_by_channel of them; after a rollback into a group and new
@@ -564,9 +608,19 @@ fn keys_by_channel_reach_the_store() {
 /// group held (the only copy left), not channel blocks overwritten by the new rows.
 #[test]
 fn keys_by_channel_hold_the_reference_values_and_survive_a_rollback() {
+    hold_the_reference_values_and_survive_a_rollback("streaming:D=64:center=none:keys=channel", Format::Lq2);
+}
+
+/// The same with a 3-bit K store (lq3 blocks by channel, lq3 rows after the rollback).
+#[test]
+fn lq3_keys_by_channel_hold_the_reference_values_and_survive_a_rollback() {
+    hold_the_reference_values_and_survive_a_rollback("streaming:D=64:center=none:k=lq3:keys=channel", Format::Lq3);
+}
+
+fn hold_the_reference_values_and_survive_a_rollback(kv: &str, k_format: Format) {
     let model = tiny();
     let tokens = some_tokens(128, model.model.n_vocab());
-    let mut ctx = context(&model, "streaming:D=64:center=none:keys=channel", 256, 1, 16);
+    let mut ctx = context(&model, kv, 256, 1, 16);
     let feed = |ctx: &mut Session, from: usize, to: usize| {
         let mut batch = Batch::new(16).unwrap();
         for start in (from..to).step_by(16) {
@@ -589,7 +643,7 @@ fn keys_by_channel_hold_the_reference_values_and_survive_a_rollback() {
     assert!(!demoted.is_empty());
     for (l, &il) in layers.iter().enumerate() {
         let n = f16[l].len() / 64;
-        let want = lq2::dequantize_by_channel(&lq2::quantize_by_channel(&f16[l], n), n);
+        let want = lq2::dequantize_by_channel_as(k_format, &lq2::quantize_by_channel_as(k_format, &f16[l], n), n);
         for &p in &demoted {
             let got = ctx.read_key(0, il, p, true).unwrap();
             assert_eq!(got, want[p as usize * n..][..n], "layer {il}, position {p}");
@@ -604,7 +658,7 @@ fn keys_by_channel_hold_the_reference_values_and_survive_a_rollback() {
         let n = coded[l].len() / 64;
         for p in 64..96 {
             let row = &coded[l][(p - 64) * n..][..n];
-            let want = lq2::dequantize(&lq2::quantize(row));
+            let want = lq2::dequantize_as(k_format, &lq2::quantize_as(k_format, row));
             assert_eq!(ctx.read_key(0, il, p as i32, true).unwrap(), want, "layer {il}, position {p}");
         }
     }

@@ -1357,7 +1357,7 @@ mod tests {
 
     #[test]
     fn unknown_and_removed_tensor_types() {
-        for ty in [4u32, 31, 36, 44, 1000] {
+        for ty in [4u32, 31, 36, 45, 1000] {
             let mut r = Raw::header(3, 1, 0);
             r.tensor("blk.0.attn_q.weight", &[32], ty, 0).pad_to(32).zeros(64);
             let e = err_of(&r);

@@ -5,7 +5,7 @@
 //! `block_*` structs (with their `static_assert`ed sizes) in `ggml/src/ggml-common.h`.
 //! Ids that ggml.h lists as removed (4, 5: Q4_2/Q4_3; 31..=33: Q4_0_4_4/4_8/8_8;
 //! 36..=38: IQ4_NL_4_4/4_8/8_8) have `blck_size == 0` in ggml.c and are treated as
-//! unknown here, as is anything at or past `GGML_TYPE_COUNT` (43).
+//! unknown here, as is anything at or past `GGML_TYPE_COUNT` (45).
 
 use std::fmt;
 
@@ -52,6 +52,8 @@ pub enum GgmlType {
     /// logquant's 2-bit KV format (patches/files/ggml/src/ggml-lq2.h): groups of 64,
     /// f16 step and minimum, 2.5 bits per value. Exists only in the patched ggml.
     Lq2,
+    /// The same with 3-bit codes, 3.5 bits per value.
+    Lq3,
 }
 
 /// `QK_K` in ggml-common.h: the super-block size of the k-quants and i-quants.
@@ -59,7 +61,7 @@ const QK_K: u64 = 256;
 
 impl GgmlType {
     /// Every type, in id order.
-    pub const ALL: [GgmlType; 36] = [
+    pub const ALL: [GgmlType; 37] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -96,6 +98,7 @@ impl GgmlType {
         GgmlType::Q1_0,
         GgmlType::Q2_0,
         GgmlType::Lq2,
+        GgmlType::Lq3,
     ];
 
     /// The type with ggml id `id`, or `None` for ids that are removed or unknown.
@@ -215,6 +218,7 @@ impl GgmlType {
             // block_q2_0: d + qs[16], QK2_0 = 64
             Q2_0 => (42, "q2_0", 64, 18),
             Lq2 => (43, "lq2", 64, 20),
+            Lq3 => (44, "lq3", 64, 28),
         }
     }
 }
@@ -250,11 +254,13 @@ pub enum KvCacheType {
     Q5_1,
     /// logquant's 2-bit format (2.5 bits per value), only in this project's build.
     Lq2,
+    /// logquant's 3-bit format (3.5 bits per value), only in this project's build.
+    Lq3,
 }
 
 impl KvCacheType {
-    /// Every accepted cache type: llama.cpp's, in the order it lists them, then lq2.
-    pub const ALL: [KvCacheType; 10] = [
+    /// Every accepted cache type: llama.cpp's, in the order it lists them, then lq2 and lq3.
+    pub const ALL: [KvCacheType; 11] = [
         KvCacheType::F32,
         KvCacheType::F16,
         KvCacheType::Bf16,
@@ -265,11 +271,12 @@ impl KvCacheType {
         KvCacheType::Q5_0,
         KvCacheType::Q5_1,
         KvCacheType::Lq2,
+        KvCacheType::Lq3,
     ];
 
-    /// True for the types stock llama.cpp has (all but lq2).
+    /// True for the types stock llama.cpp has (all but lq2 and lq3).
     pub fn is_stock(self) -> bool {
-        self != KvCacheType::Lq2
+        !matches!(self, KvCacheType::Lq2 | KvCacheType::Lq3)
     }
 
     /// Parses a cache type as given on the command line (`"q8_0"`, `"f16"`, ...),
@@ -296,6 +303,7 @@ impl KvCacheType {
             KvCacheType::Q5_0 => GgmlType::Q5_0,
             KvCacheType::Q5_1 => GgmlType::Q5_1,
             KvCacheType::Lq2 => GgmlType::Lq2,
+            KvCacheType::Lq3 => GgmlType::Lq3,
         }
     }
 
@@ -328,11 +336,11 @@ mod tests {
             assert_eq!(GgmlType::from_id(t.id()), Some(t), "{t}");
             assert_eq!(GgmlType::from_name(t.name()), Some(t));
         }
-        for removed in [4, 5, 31, 32, 33, 36, 37, 38, 44, 1000, u32::MAX] {
+        for removed in [4, 5, 31, 32, 33, 36, 37, 38, 45, 1000, u32::MAX] {
             assert_eq!(GgmlType::from_id(removed), None, "id {removed}");
         }
         // every id below GGML_TYPE_COUNT that is not removed is known
-        let known = (0..44).filter(|&i| GgmlType::from_id(i).is_some()).count();
+        let known = (0..45).filter(|&i| GgmlType::from_id(i).is_some()).count();
         assert_eq!(known, GgmlType::ALL.len());
     }
 
@@ -371,9 +379,10 @@ mod tests {
 
     #[test]
     fn kv_cache_types() {
-        assert_eq!(KvCacheType::ALL.len(), 10);
+        assert_eq!(KvCacheType::ALL.len(), 11);
         assert_eq!(KvCacheType::ALL.iter().filter(|t| t.is_stock()).count(), 9);
         assert_eq!(KvCacheType::Lq2.bits_per_value(), 2.5);
+        assert_eq!(KvCacheType::Lq3.bits_per_value(), 3.5);
         for t in KvCacheType::ALL {
             assert_eq!(KvCacheType::from_name(t.name()), Some(t));
         }

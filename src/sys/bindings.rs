@@ -147,7 +147,8 @@ pub const ggml_type_GGML_TYPE_NVFP4: ggml_type = 40;
 pub const ggml_type_GGML_TYPE_Q1_0: ggml_type = 41;
 pub const ggml_type_GGML_TYPE_Q2_0: ggml_type = 42;
 pub const ggml_type_GGML_TYPE_LQ2: ggml_type = 43;
-pub const ggml_type_GGML_TYPE_COUNT: ggml_type = 44;
+pub const ggml_type_GGML_TYPE_LQ3: ggml_type = 44;
+pub const ggml_type_GGML_TYPE_COUNT: ggml_type = 45;
 pub type ggml_type = ::core::ffi::c_uint;
 pub const ggml_op_GGML_OP_NONE: ggml_op = 0;
 pub const ggml_op_GGML_OP_DUP: ggml_op = 1;
@@ -878,6 +879,7 @@ pub struct logquant_attn_case {
     pub n_threads: i32,
     pub out: *mut f32,
     pub k_by_channel: *const u8,
+    pub k_type: i32,
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -1419,11 +1421,22 @@ unsafe extern "C" {
     );
     pub fn logquant_patch_version() -> *const ::core::ffi::c_char;
     pub fn logquant_memory_breakdown(ctx: *const llama_context, out: *mut logquant_memory) -> bool;
-    pub fn logquant_lq2_block_bytes() -> usize;
-    pub fn logquant_lq2_block_values() -> ::core::ffi::c_int;
-    pub fn logquant_lq2_quantize(x: *const f32, blocks: *mut ::core::ffi::c_void, n: i64, reference: bool) -> bool;
-    pub fn logquant_lq2_dequantize(blocks: *const ::core::ffi::c_void, y: *mut f32, n: i64) -> bool;
-    pub fn logquant_lq2_dot(blocks: *const ::core::ffi::c_void, y: *const f32, n: i64, out: *mut f32) -> bool;
+    pub fn logquant_lq_block_bytes(type_: i32) -> usize;
+    pub fn logquant_lq_quantize(
+        type_: i32,
+        x: *const f32,
+        blocks: *mut ::core::ffi::c_void,
+        n: i64,
+        reference: bool,
+    ) -> bool;
+    pub fn logquant_lq_dequantize(type_: i32, blocks: *const ::core::ffi::c_void, y: *mut f32, n: i64) -> bool;
+    pub fn logquant_lq_dot(
+        type_: i32,
+        blocks: *const ::core::ffi::c_void,
+        y: *const f32,
+        n: i64,
+        out: *mut f32,
+    ) -> bool;
     pub fn logquant_last_error() -> *const ::core::ffi::c_char;
     pub fn logquant_overlay_enable(ctx: *mut llama_context, n_slots: u32) -> i32;
     pub fn logquant_overlay_enable_flags(ctx: *mut llama_context, n_slots: u32, flags: u32) -> i32;
@@ -1459,7 +1472,8 @@ unsafe extern "C" {
     pub fn logquant_attn_run(c: *const logquant_attn_case) -> bool;
     pub fn logquant_attn_run_on(c: *const logquant_attn_case, backend: *const ::core::ffi::c_char) -> bool;
     pub fn logquant_attn_time_on(c: *const logquant_attn_case, backend: *const ::core::ffi::c_char, reps: i32) -> f64;
-    pub fn logquant_lq2_set_rows_run(
+    pub fn logquant_lq_set_rows_run(
+        type_: i32,
         src: *const f32,
         n_rows: i64,
         n_per_row: i64,

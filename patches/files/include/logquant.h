@@ -38,25 +38,25 @@ struct logquant_memory {
 LLAMA_API bool logquant_memory_breakdown(const struct llama_context * ctx, struct logquant_memory * out);
 
 //
-// The 2-bit KV format (GGML_TYPE_LQ2, ggml-lq2.h): 64 values per 20-byte block.
-// These entry points run exactly the functions the KV cache uses, so tests can check
-// them against an independent implementation. n must be a multiple of 64; the
-// functions return false (and write nothing) otherwise or on NULL pointers.
+// The 2- and 3-bit KV formats (GGML_TYPE_LQ2 and GGML_TYPE_LQ3, ggml-lq2.h): 64 values
+// per block of 20 or 28 bytes; `type` is one of the two (a ggml_type value). These
+// entry points run exactly the functions the KV cache uses, so tests can check them
+// against an independent implementation. n must be a multiple of 64; the functions
+// return false (and write nothing) otherwise, on another type or on NULL pointers.
 //
 
-// Bytes of one LQ2 block and values per block.
-LLAMA_API size_t logquant_lq2_block_bytes(void);
-LLAMA_API int    logquant_lq2_block_values(void);
+// Bytes of one block (0 for another type); 64 values per block.
+LLAMA_API size_t logquant_lq_block_bytes(int32_t type);
 
 // Quantizes n floats into n/64 blocks with the CPU backend's from_float (what
 // set_rows runs when a token is written). `reference` selects ggml's from_float_ref.
-LLAMA_API bool logquant_lq2_quantize(const float * x, void * blocks, int64_t n, bool reference);
+LLAMA_API bool logquant_lq_quantize(int32_t type, const float * x, void * blocks, int64_t n, bool reference);
 
 // Dequantizes n values (ggml's to_float for the type).
-LLAMA_API bool logquant_lq2_dequantize(const void * blocks, float * y, int64_t n);
+LLAMA_API bool logquant_lq_dequantize(int32_t type, const void * blocks, float * y, int64_t n);
 
 // The CPU dot product attention uses for K.q: sum_i dequant(blocks)[i] * y[i].
-LLAMA_API bool logquant_lq2_dot(const void * blocks, const float * y, int64_t n, float * out);
+LLAMA_API bool logquant_lq_dot(int32_t type, const void * blocks, const float * y, int64_t n, float * out);
 
 //
 // The two-tier cache (SPEC.md section 4): every token in the quantized store (K and V
@@ -186,7 +186,7 @@ struct logquant_attn_case {
     int32_t n_slots;              // overlay slots
     float   scale;                // applied to K.q
     const float    * q;           // [n_tokens][n_head][head_dim]
-    const void     * k_store;     // [n_kv][n_head_kv] LQ2 rows of head_dim values
+    const void     * k_store;     // [n_kv][n_head_kv] rows of head_dim values, of type k_type
     const void     * v_store;     // same layout
     const uint16_t * k_overlay;   // [n_slots][n_head_kv][head_dim] IEEE f16 (may be NULL if n_slots = 0)
     const uint16_t * v_overlay;
@@ -196,6 +196,7 @@ struct logquant_attn_case {
     float * out;                  // [n_tokens][n_head][head_dim]
     const uint8_t  * k_by_channel; // [n_kv/64]: nonzero where k_store's cells 64g .. 64g + 63
                                    // hold their keys by channel (ggml-lq2.h); NULL: none
+    int32_t k_type;               // GGML_TYPE_LQ2 or GGML_TYPE_LQ3 (the V store is LQ2)
 };
 
 // Returns false (writing nothing) on NULL pointers or inconsistent sizes.
@@ -212,10 +213,11 @@ LLAMA_API bool logquant_attn_run_on(const struct logquant_attn_case * c, const c
 // end), or a negative value where logquant_attn_run_on would return false.
 LLAMA_API double logquant_attn_time_on(const struct logquant_attn_case * c, const char * backend, int32_t reps);
 
-// 2-bit quantization as the cache writes every token: ggml_set_rows of n_rows rows of
-// n_per_row floats (a multiple of 64) into an LQ2 tensor on `backend`. dst receives
-// n_rows * n_per_row/64 blocks of 20 bytes (ggml-lq2.h). False as above.
-LLAMA_API bool logquant_lq2_set_rows_run(const float * src, int64_t n_rows, int64_t n_per_row, void * dst, const char * backend);
+// Quantization as the cache writes every token: ggml_set_rows of n_rows rows of
+// n_per_row floats (a multiple of 64) into an LQ2 or LQ3 tensor (`type`) on `backend`.
+// dst receives n_rows * n_per_row/64 blocks (ggml-lq2.h). False as above.
+LLAMA_API bool logquant_lq_set_rows_run(int32_t type, const float * src, int64_t n_rows, int64_t n_per_row, void * dst,
+                                        const char * backend);
 
 #ifdef __cplusplus
 }

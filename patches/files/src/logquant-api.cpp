@@ -31,45 +31,45 @@ bool logquant_memory_breakdown(const struct llama_context * ctx, struct logquant
     return true;
 }
 
-size_t logquant_lq2_block_bytes(void) {
-    return ggml_type_size(GGML_TYPE_LQ2);
+static bool is_lq_type(int32_t type) {
+    return type == GGML_TYPE_LQ2 || type == GGML_TYPE_LQ3;
 }
 
-int logquant_lq2_block_values(void) {
-    return (int) ggml_blck_size(GGML_TYPE_LQ2);
+size_t logquant_lq_block_bytes(int32_t type) {
+    return is_lq_type(type) ? ggml_type_size(ggml_type(type)) : 0;
 }
 
-static bool lq2_args_ok(const void * a, const void * b, int64_t n) {
+static bool lq_args_ok(int32_t type, const void * a, const void * b, int64_t n) {
     // The CPU kernels convert f16 through tables that ggml_cpu_init fills (idempotent);
     // a caller that never created a context may not have run it yet.
     ggml_cpu_init();
-    return a != nullptr && b != nullptr && n > 0 && n % ggml_blck_size(GGML_TYPE_LQ2) == 0;
+    return is_lq_type(type) && a != nullptr && b != nullptr && n > 0 && n % ggml_blck_size(ggml_type(type)) == 0;
 }
 
-bool logquant_lq2_quantize(const float * x, void * blocks, int64_t n, bool reference) {
-    if (!lq2_args_ok(x, blocks, n)) {
+bool logquant_lq_quantize(int32_t type, const float * x, void * blocks, int64_t n, bool reference) {
+    if (!lq_args_ok(type, x, blocks, n)) {
         return false;
     }
     if (reference) {
-        ggml_get_type_traits(GGML_TYPE_LQ2)->from_float_ref(x, blocks, n);
+        ggml_get_type_traits(ggml_type(type))->from_float_ref(x, blocks, n);
     } else {
-        ggml_get_type_traits_cpu(GGML_TYPE_LQ2)->from_float(x, blocks, n);
+        ggml_get_type_traits_cpu(ggml_type(type))->from_float(x, blocks, n);
     }
     return true;
 }
 
-bool logquant_lq2_dequantize(const void * blocks, float * y, int64_t n) {
-    if (!lq2_args_ok(blocks, y, n)) {
+bool logquant_lq_dequantize(int32_t type, const void * blocks, float * y, int64_t n) {
+    if (!lq_args_ok(type, blocks, y, n)) {
         return false;
     }
-    ggml_get_type_traits(GGML_TYPE_LQ2)->to_float(blocks, y, n);
+    ggml_get_type_traits(ggml_type(type))->to_float(blocks, y, n);
     return true;
 }
 
-bool logquant_lq2_dot(const void * blocks, const float * y, int64_t n, float * out) {
-    if (!lq2_args_ok(blocks, y, n) || out == nullptr || n > INT32_MAX) {
+bool logquant_lq_dot(int32_t type, const void * blocks, const float * y, int64_t n, float * out) {
+    if (!lq_args_ok(type, blocks, y, n) || out == nullptr || n > INT32_MAX) {
         return false;
     }
-    ggml_get_type_traits_cpu(GGML_TYPE_LQ2)->vec_dot((int) n, out, 0, blocks, 0, y, 0, 1);
+    ggml_get_type_traits_cpu(ggml_type(type))->vec_dot((int) n, out, 0, blocks, 0, y, 0, 1);
     return true;
 }

@@ -24,11 +24,13 @@ struct attn_op {
 };
 
 // by_channel: with the keys-by-channel flags source (kbc [n_kv/64, 1] I32), else without.
+// k_type: the K store's type (the V store is lq2).
 static attn_op new_attn_op(ggml_context * ctx, int64_t D, int64_t n_head, int64_t n_head_kv, int64_t n_tokens,
-                           int64_t n_kv, int64_t rows, logquant_attn_layer * layer, bool by_channel = false) {
+                           int64_t n_kv, int64_t rows, logquant_attn_layer * layer, bool by_channel = false,
+                           ggml_type k_type = GGML_TYPE_LQ2) {
     attn_op op;
     op.q    = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, n_head, n_tokens);
-    op.k    = ggml_new_tensor_3d(ctx, GGML_TYPE_LQ2, D, n_head_kv, n_kv);
+    op.k    = ggml_new_tensor_3d(ctx, k_type, D, n_head_kv, n_kv);
     op.v    = ggml_new_tensor_3d(ctx, GGML_TYPE_LQ2, D, n_head_kv, n_kv);
     op.mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, n_kv, n_tokens, 1, 1);
     op.k_ov = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D*n_head_kv, rows);
@@ -84,8 +86,8 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32
             throw std::runtime_error("the KV cache has no allocated K and V tensors (no_alloc context or MLA model)");
         }
         ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
-        if (keys_by_channel && layer.k->type != GGML_TYPE_LQ2) {
-            throw std::runtime_error(std::string("keys by channel need the lq2 K store, not ") + ggml_type_name(layer.k->type));
+        if (keys_by_channel && layer.k->type != GGML_TYPE_LQ2 && layer.k->type != GGML_TYPE_LQ3) {
+            throw std::runtime_error(std::string("keys by channel need an lq2 or lq3 K store, not ") + ggml_type_name(layer.k->type));
         }
         // The two-tier kernels exist for the CPU and CUDA; elsewhere every step would
         // copy the whole cache to the host.
@@ -538,16 +540,15 @@ void logquant_overlay::code_by_channel(uint32_t strm) {
         std::vector<ggml_fp16_t> ov_rows(size_t(n_slots)*n_embd);
         ggml_backend_tensor_get(ov, ov_rows.data(), size_t(strm)*rows*ov->nb[1], ov_rows.size()*sizeof(ggml_fp16_t));
         std::vector<float>       x(size_t(QK_LQ2)*n_embd);
-        std::vector<block_lq2>   group(n_embd);
-        GGML_ASSERT(size_t(QK_LQ2)*store->nb[1] == group.size()*sizeof(block_lq2));
+        std::vector<uint8_t>     group(size_t(QK_LQ2)*store->nb[1]); // n_embd blocks
         for (uint32_t g : todo) {
             for (uint32_t t = 0; t < QK_LQ2; ++t) {
                 const int32_t slot = cell_to_slot[size_t(strm)*n_cells + g*QK_LQ2 + t];
                 ggml_fp16_to_fp32_row(ov_rows.data() + size_t(slot)*n_embd, x.data() + size_t(t)*n_embd, n_embd);
             }
-            quantize_lq2_by_channel(x.data(), group.data(), n_embd);
+            GGML_ASSERT(ggml_lq_quantize_by_channel(store->type, x.data(), group.data(), n_embd));
             ggml_backend_tensor_set(store, group.data(), size_t(strm)*store->nb[2] + size_t(g)*QK_LQ2*store->nb[1],
-                                    group.size()*sizeof(block_lq2));
+                                    group.size());
         }
     }
     for (uint32_t g : todo) {
@@ -562,15 +563,15 @@ void logquant_overlay::uncode_group(uint32_t strm, uint32_t g) {
         const int64_t n_embd = store->ne[0];
         const auto *  cpu    = ggml_get_type_traits_cpu(store->type);
         const size_t  offs   = size_t(strm)*store->nb[2] + size_t(g)*QK_LQ2*store->nb[1];
-        std::vector<block_lq2> group(n_embd), rows(n_embd);
-        std::vector<float>     x(n_embd);
-        ggml_backend_tensor_get(store, group.data(), offs, group.size()*sizeof(block_lq2));
+        std::vector<uint8_t> group(size_t(QK_LQ2)*store->nb[1]), rows(group.size());
+        std::vector<float>   x(n_embd);
+        ggml_backend_tensor_get(store, group.data(), offs, group.size());
         for (int t = 0; t < QK_LQ2; ++t) {
-            dequantize_lq2_by_channel_row(group.data(), t, 0, n_embd, x.data());
-            // row t: n_embd/QK_LQ2 blocks, as set_rows writes a token
-            cpu->from_float(x.data(), rows.data() + size_t(t)*(n_embd/QK_LQ2), n_embd);
+            GGML_ASSERT(ggml_lq_dequantize_by_channel_row(store->type, group.data(), t, 0, n_embd, x.data()));
+            // row t, as set_rows writes a token
+            cpu->from_float(x.data(), rows.data() + size_t(t)*store->nb[1], n_embd);
         }
-        ggml_backend_tensor_set(store, rows.data(), offs, rows.size()*sizeof(block_lq2));
+        ggml_backend_tensor_set(store, rows.data(), offs, rows.size());
     }
     k_by_channel[size_t(strm)*n_groups + g] = 0;
 }
@@ -609,11 +610,10 @@ bool logquant_overlay::read_key(llama_seq_id seq, int32_t il, llama_pos pos, boo
     }
     const uint32_t g = uint32_t(cell)/QK_LQ2;
     if (keys_by_channel && k_by_channel[size_t(strm)*n_groups + g]) {
-        std::vector<block_lq2> group(n_embd);
+        std::vector<uint8_t> group(size_t(QK_LQ2)*store->nb[1]);
         ggml_backend_tensor_get(store, group.data(), size_t(strm)*store->nb[2] + size_t(g)*QK_LQ2*store->nb[1],
-                                group.size()*sizeof(block_lq2));
-        dequantize_lq2_by_channel_row(group.data(), int(cell % QK_LQ2), 0, n_embd, out.data());
-        return true;
+                                group.size());
+        return ggml_lq_dequantize_by_channel_row(store->type, group.data(), int(cell % QK_LQ2), 0, n_embd, out.data());
     }
     const auto * traits = ggml_get_type_traits(store->type);
     if (traits->to_float == nullptr) {
@@ -1066,8 +1066,8 @@ static bool attn_case(const struct logquant_attn_case * c, const char * backend_
     if (D <= 0 || D % ggml_blck_size(GGML_TYPE_LQ2) != 0 || D > 1024 || c->n_head <= 0 || c->n_head_kv <= 0 ||
         c->n_head % c->n_head_kv != 0 || c->n_tokens <= 0 || c->n_kv <= 0 || c->n_slots < 0 || c->n_threads <= 0 ||
         (c->n_slots > 0 && (c->k_overlay == nullptr || c->v_overlay == nullptr)) ||
-        (c->k_by_channel != nullptr && c->n_kv % QK_LQ2 != 0)) {
-        fail(LOGQUANT_ERR_ARGUMENT, "inconsistent sizes in the case");
+        (c->k_by_channel != nullptr && c->n_kv % QK_LQ2 != 0) || (c->k_type != GGML_TYPE_LQ2 && c->k_type != GGML_TYPE_LQ3)) {
+        fail(LOGQUANT_ERR_ARGUMENT, "inconsistent sizes or K type in the case");
         return false;
     }
     std::vector<int32_t> cell_to_slot(c->n_kv, -1);
@@ -1103,7 +1103,8 @@ static bool attn_case(const struct logquant_attn_case * c, const char * backend_
     state.k_by_channel = c->k_by_channel;
     logquant_attn_layer layer = { &state, c->scale, 0.0f, 0.0f };
 
-    const attn_op op = new_attn_op(ctx, D, c->n_head, c->n_head_kv, c->n_tokens, c->n_kv, rows, &layer, c->k_by_channel != nullptr);
+    const attn_op op = new_attn_op(ctx, D, c->n_head, c->n_head_kv, c->n_tokens, c->n_kv, rows, &layer, c->k_by_channel != nullptr,
+                                   ggml_type(c->k_type));
     ggml_cgraph * gf = ggml_new_graph(ctx);
     ggml_build_forward_expand(gf, op.out);
 
@@ -1135,10 +1136,11 @@ static bool attn_case(const struct logquant_attn_case * c, const char * backend_
     return ok;
 }
 
-bool logquant_lq2_set_rows_run(const float * src, int64_t n_rows, int64_t n_per_row, void * dst, const char * backend_name) {
-    if (src == nullptr || dst == nullptr || n_rows <= 0 || n_per_row <= 0 || n_per_row % ggml_blck_size(GGML_TYPE_LQ2) != 0 ||
-        n_rows * n_per_row > (int64_t(1) << 26)) {
-        fail(LOGQUANT_ERR_ARGUMENT, "invalid rows for lq2 quantization");
+bool logquant_lq_set_rows_run(int32_t type, const float * src, int64_t n_rows, int64_t n_per_row, void * dst,
+                              const char * backend_name) {
+    if (src == nullptr || dst == nullptr || n_rows <= 0 || n_per_row <= 0 || n_per_row % QK_LQ2 != 0 ||
+        n_rows * n_per_row > (int64_t(1) << 26) || (type != GGML_TYPE_LQ2 && type != GGML_TYPE_LQ3)) {
+        fail(LOGQUANT_ERR_ARGUMENT, "invalid rows or type for lq2/lq3 quantization");
         return false;
     }
     ggml_backend_t backend = backend_by_name(backend_name, 1);
@@ -1148,7 +1150,7 @@ bool logquant_lq2_set_rows_run(const float * src, int64_t n_rows, int64_t n_per_
     ggml_init_params params = { 16*ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true };
     ggml_context * ctx = ggml_init(params);
     ggml_tensor * x   = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_per_row, n_rows);
-    ggml_tensor * y   = ggml_new_tensor_2d(ctx, GGML_TYPE_LQ2, n_per_row, n_rows);
+    ggml_tensor * y   = ggml_new_tensor_2d(ctx, ggml_type(type), n_per_row, n_rows);
     ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_rows);
     ggml_tensor * out = ggml_set_rows(ctx, y, x, idx);
     ggml_cgraph * gf = ggml_new_graph(ctx);

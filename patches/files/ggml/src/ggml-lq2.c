@@ -1,4 +1,4 @@
-// LogQuant's 2-bit block format: reference quantization and dequantization.
+// LogQuant's 2- and 3-bit block formats: reference quantization and dequantization.
 // See ggml-lq2.h for the format.
 #include "ggml-lq2.h"
 #include "ggml-impl.h"
@@ -18,6 +18,14 @@
 
 const float ggml_lq2_levels[256][4] = { LQ2_R64(0), LQ2_R64(64), LQ2_R64(128), LQ2_R64(192) };
 
+#define LQ3_H(b)   { 4.0f * ((b) & 1), 4.0f * (((b) >> 1) & 1), 4.0f * (((b) >> 2) & 1), 4.0f * (((b) >> 3) & 1), \
+                     4.0f * (((b) >> 4) & 1), 4.0f * (((b) >> 5) & 1), 4.0f * (((b) >> 6) & 1), 4.0f * (((b) >> 7) & 1) }
+#define LQ3_R4(b)  LQ3_H(b), LQ3_H((b) + 1), LQ3_H((b) + 2), LQ3_H((b) + 3)
+#define LQ3_R16(b) LQ3_R4(b), LQ3_R4((b) + 4), LQ3_R4((b) + 8), LQ3_R4((b) + 12)
+#define LQ3_R64(b) LQ3_R16(b), LQ3_R16((b) + 16), LQ3_R16((b) + 32), LQ3_R16((b) + 48)
+
+const float ggml_lq3_high[256][8] = { LQ3_R64(0), LQ3_R64(64), LQ3_R64(128), LQ3_R64(192) };
+
 // Largest finite f16.
 #define LQ2_F16_MAX 65504.0f
 
@@ -27,7 +35,7 @@ static float lq2_clamp_f16(float v) {
 
 // Refines the group's minimum m and step d by least squares: a few rounds of
 // "assign each value its nearest level, then fit m + d*q to the values" (Lloyd's
-// algorithm on a uniform 4-level grid), starting from min/max. On Gaussian-like data
+// algorithm on the uniform grid of qmax + 1 levels), starting from min/max. On Gaussian-like data
 // (K and V after llama.cpp's Hadamard rotation) this halves the mean squared error of
 // plain min/max scaling, at the price of clipping the extremes; the block format and
 // every kernel that reads it are unchanged. Values are clamped to the f16 range and
@@ -35,13 +43,13 @@ static float lq2_clamp_f16(float v) {
 // contraction changes the result: src/lq2.rs repeats this bit for bit.
 #define LQ2_FIT_ROUNDS 4
 
-static int lq2_level(float x, float m, float id) {
+static int lq2_level(float x, float m, float id, int qmax) {
     const float t = (x - m) * id;
     // !(t > 0) also catches NaN
-    return !(t > 0.0f) ? 0 : (t >= 3.0f ? 3 : (int) (t + 0.5f));
+    return !(t > 0.0f) ? 0 : (t >= (float) qmax ? qmax : (int) (t + 0.5f));
 }
 
-static void lq2_fit(const float * x, float * m_io, float * d_io) {
+static void lq2_fit(const float * x, float * m_io, float * d_io, int qmax) {
     double m = *m_io;
     double d = *d_io;
     for (int round = 0; round < LQ2_FIT_ROUNDS; round++) {
@@ -56,7 +64,7 @@ static void lq2_fit(const float * x, float * m_io, float * d_io) {
                 continue;
             }
             const double v = lq2_clamp_f16(x[j]);
-            const double q = lq2_level((float) v, mf, idf);
+            const double q = lq2_level((float) v, mf, idf, qmax);
             n   += 1.0;
             sq  += q;
             sqq  = fma(q, q, sqq);
@@ -79,44 +87,66 @@ static void lq2_fit(const float * x, float * m_io, float * d_io) {
     *d_io = lq2_clamp_f16((float) d);
 }
 
+// One block of 64 values: the minimum m, the step d and the levels q[j] in 0..qmax.
+static void lq_quantize_block(const float * xb, int qmax, ggml_fp16_t * d_out, ggml_fp16_t * m_out, uint8_t * q) {
+    float mn = INFINITY;
+    float mx = -INFINITY;
+    for (int j = 0; j < QK_LQ2; j++) {
+        const float v = xb[j];
+        if (v < mn) mn = v; // NaN compares false: it never becomes min or max
+        if (v > mx) mx = v;
+    }
+    if (mn > mx) { // every value NaN
+        mn = mx = 0.0f;
+    }
+    mn = lq2_clamp_f16(mn);
+    mx = lq2_clamp_f16(mx);
+
+    float m0 = mn;
+    float d0 = (mx - mn) / (float) qmax;
+    lq2_fit(xb, &m0, &d0, qmax);
+
+    // Quantize against the values the block will really hold (f16-rounded), so
+    // the rounding of q is consistent with the dequantized levels.
+    const ggml_fp16_t m_h = GGML_FP32_TO_FP16(m0);
+    const ggml_fp16_t d_h = GGML_FP32_TO_FP16(d0);
+    const float m  = GGML_FP16_TO_FP32(m_h);
+    const float d  = GGML_FP16_TO_FP32(d_h);
+    const float id = d > 0.0f ? 1.0f / d : 0.0f;
+
+    *d_out = d_h;
+    *m_out = m_h;
+    for (int j = 0; j < QK_LQ2; j++) {
+        q[j] = (uint8_t) lq2_level(xb[j], m, id, qmax);
+    }
+}
+
 void quantize_row_lq2_ref(const float * x, block_lq2 * y, int64_t k) {
     assert(k % QK_LQ2 == 0);
     const int64_t nb = k / QK_LQ2;
 
     for (int64_t i = 0; i < nb; i++) {
-        const float * xb = x + i*QK_LQ2;
-
-        float mn = INFINITY;
-        float mx = -INFINITY;
-        for (int j = 0; j < QK_LQ2; j++) {
-            const float v = xb[j];
-            if (v < mn) mn = v; // NaN compares false: it never becomes min or max
-            if (v > mx) mx = v;
-        }
-        if (mn > mx) { // every value NaN
-            mn = mx = 0.0f;
-        }
-        mn = lq2_clamp_f16(mn);
-        mx = lq2_clamp_f16(mx);
-
-        float m0 = mn;
-        float d0 = (mx - mn) / 3.0f;
-        lq2_fit(xb, &m0, &d0);
-
-        // Quantize against the values the block will really hold (f16-rounded), so
-        // the rounding of q is consistent with the dequantized levels.
-        const ggml_fp16_t m_h = GGML_FP32_TO_FP16(m0);
-        const ggml_fp16_t d_h = GGML_FP32_TO_FP16(d0);
-        const float m  = GGML_FP16_TO_FP32(m_h);
-        const float d  = GGML_FP16_TO_FP32(d_h);
-        const float id = d > 0.0f ? 1.0f / d : 0.0f;
-
-        y[i].d = d_h;
-        y[i].m = m_h;
+        uint8_t q[QK_LQ2];
+        lq_quantize_block(x + i*QK_LQ2, 3, &y[i].d, &y[i].m, q);
         memset(y[i].qs, 0, sizeof(y[i].qs));
         for (int j = 0; j < QK_LQ2; j++) {
-            const int q = lq2_level(xb[j], m, id);
-            y[i].qs[j/4] |= (uint8_t) (q << (2*(j%4)));
+            y[i].qs[j/4] |= (uint8_t) (q[j] << (2*(j%4)));
+        }
+    }
+}
+
+void quantize_row_lq3_ref(const float * x, block_lq3 * y, int64_t k) {
+    assert(k % QK_LQ2 == 0);
+    const int64_t nb = k / QK_LQ2;
+
+    for (int64_t i = 0; i < nb; i++) {
+        uint8_t q[QK_LQ2];
+        lq_quantize_block(x + i*QK_LQ2, 7, &y[i].d, &y[i].m, q);
+        memset(y[i].qs, 0, sizeof(y[i].qs));
+        memset(y[i].qh, 0, sizeof(y[i].qh));
+        for (int j = 0; j < QK_LQ2; j++) {
+            y[i].qs[j/4] |= (uint8_t) ((q[j] & 3) << (2*(j%4)));
+            y[i].qh[j/8] |= (uint8_t) ((q[j] >> 2) << (j%8));
         }
     }
 }
@@ -155,6 +185,29 @@ size_t quantize_lq2(const float * src, void * dst, int64_t nrow, int64_t n_per_r
     return (size_t) nrow * row_size;
 }
 
+void dequantize_row_lq3(const block_lq3 * x, float * y, int64_t k) {
+    assert(k % QK_LQ2 == 0);
+    const int64_t nb = k / QK_LQ2;
+
+    for (int64_t i = 0; i < nb; i++) {
+        const float d = GGML_FP16_TO_FP32(x[i].d);
+        const float m = GGML_FP16_TO_FP32(x[i].m);
+        float * yb = y + i*QK_LQ2;
+        for (int j = 0; j < QK_LQ2; j++) {
+            yb[j] = m + d*(ggml_lq2_levels[x[i].qs[j/4]][j%4] + ggml_lq3_high[x[i].qh[j/8]][j%8]);
+        }
+    }
+}
+
+size_t quantize_lq3(const float * src, void * dst, int64_t nrow, int64_t n_per_row, const float * imatrix) {
+    (void) imatrix;
+    const size_t row_size = (size_t) (n_per_row / QK_LQ2) * sizeof(block_lq3);
+    for (int64_t r = 0; r < nrow; r++) {
+        quantize_row_lq3_ref(src + r*n_per_row, (block_lq3 *) ((char *) dst + r*row_size), n_per_row);
+    }
+    return (size_t) nrow * row_size;
+}
+
 void quantize_lq2_by_channel(const float * x, block_lq2 * group, int64_t n) {
     float col[QK_LQ2];
     for (int64_t j = 0; j < n; j++) {
@@ -173,5 +226,43 @@ void dequantize_lq2_by_channel_row(const block_lq2 * group, int t, int64_t j0, i
         const float d = GGML_FP16_TO_FP32(b->d);
         const float m = GGML_FP16_TO_FP32(b->m);
         y[j] = m + d * (float) ((b->qs[byte] >> shift) & 3);
+    }
+}
+
+void quantize_lq3_by_channel(const float * x, block_lq3 * group, int64_t n) {
+    float col[QK_LQ2];
+    for (int64_t j = 0; j < n; j++) {
+        for (int t = 0; t < QK_LQ2; t++) {
+            col[t] = x[t*n + j];
+        }
+        quantize_row_lq3_ref(col, group + j, QK_LQ2);
+    }
+}
+
+void dequantize_lq3_by_channel_row(const block_lq3 * group, int t, int64_t j0, int64_t nj, float * y) {
+    assert(t >= 0 && t < QK_LQ2);
+    const int byte = t / 4, shift = 2 * (t % 4);
+    for (int64_t j = 0; j < nj; j++) {
+        const block_lq3 * b = group + j0 + j;
+        const float d = GGML_FP16_TO_FP32(b->d);
+        const float m = GGML_FP16_TO_FP32(b->m);
+        const int   q = ((b->qs[byte] >> shift) & 3) | (((b->qh[t / 8] >> (t % 8)) & 1) << 2);
+        y[j] = m + d * (float) q;
+    }
+}
+
+bool ggml_lq_quantize_by_channel(enum ggml_type type, const float * x, void * group, int64_t n) {
+    switch (type) {
+        case GGML_TYPE_LQ2: quantize_lq2_by_channel(x, (block_lq2 *) group, n); return true;
+        case GGML_TYPE_LQ3: quantize_lq3_by_channel(x, (block_lq3 *) group, n); return true;
+        default: return false;
+    }
+}
+
+bool ggml_lq_dequantize_by_channel_row(enum ggml_type type, const void * group, int t, int64_t j0, int64_t nj, float * y) {
+    switch (type) {
+        case GGML_TYPE_LQ2: dequantize_lq2_by_channel_row((const block_lq2 *) group, t, j0, nj, y); return true;
+        case GGML_TYPE_LQ3: dequantize_lq3_by_channel_row((const block_lq3 *) group, t, j0, nj, y); return true;
+        default: return false;
     }
 }

@@ -1,4 +1,4 @@
-// ggml-lq2.h — LogQuant's 2-bit KV block format (GGML_TYPE_LQ2).
+// ggml-lq2.h — LogQuant's 2- and 3-bit KV block formats (GGML_TYPE_LQ2, GGML_TYPE_LQ3).
 //
 // Asymmetric 2-bit quantization in groups of 64 values along a row (the channel
 // dimension of one token; a group never straddles two heads as long as the head size
@@ -17,6 +17,7 @@
 
 #include "ggml.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -36,12 +37,30 @@ typedef struct {
 // a lookup that turns 2-bit codes into floats 4 at a time.
 extern const float ggml_lq2_levels[256][4];
 
+// LQ3: the same with 3 bits, q in {0..7}, d = (max - min) / 7, for a K store that
+// needs more than V: 2 + 2 + 16 + 8 = 28 bytes per 64 values = 3.5 bits. The low two
+// bits of value j sit as in LQ2 (qs[j / 4], bits 2 * (j % 4)), the third in qh[j / 8],
+// bit j % 8, so the LQ2 level table decodes the low bits of both.
+typedef struct {
+    ggml_fp16_t d;
+    ggml_fp16_t m;
+    uint8_t     qs[QK_LQ2/4]; // low 2 bits
+    uint8_t     qh[QK_LQ2/8]; // high bit
+} block_lq3;
+
+// ggml_lq3_high[b] = the high-bit parts (0 or 4, as floats) of the 8 values of byte b.
+extern const float ggml_lq3_high[256][8];
+
 // Reference quantization: k must be a multiple of QK_LQ2.
 void quantize_row_lq2_ref(const float * x, block_lq2 * y, int64_t k);
 // Inverse: y[i] = m + d * q[i].
 void dequantize_row_lq2(const block_lq2 * x, float * y, int64_t k);
 // ggml_quantize_chunk's entry point (no importance matrix: the KV cache has none).
 size_t quantize_lq2(const float * src, void * dst, int64_t nrow, int64_t n_per_row, const float * imatrix);
+
+void quantize_row_lq3_ref(const float * x, block_lq3 * y, int64_t k);
+void dequantize_row_lq3(const block_lq3 * x, float * y, int64_t k);
+size_t quantize_lq3(const float * src, void * dst, int64_t nrow, int64_t n_per_row, const float * imatrix);
 
 // Keys by channel (KIVI; LOGQUANT_KEYS_BY_CHANNEL in logquant.h). A group of QK_LQ2
 // consecutive rows of n values (n a multiple of QK_LQ2) takes n * 20 bytes as per-token
@@ -54,6 +73,14 @@ size_t quantize_lq2(const float * src, void * dst, int64_t nrow, int64_t n_per_r
 void quantize_lq2_by_channel(const float * x, block_lq2 * group, int64_t n);
 // Row t of a group held by channel, channels [j0, j0 + nj): y[j] = m + d * q of block j0 + j.
 void dequantize_lq2_by_channel_row(const block_lq2 * group, int t, int64_t j0, int64_t nj, float * y);
+// The same for an LQ3 K store (n blocks of 28 bytes per group).
+void quantize_lq3_by_channel(const float * x, block_lq3 * group, int64_t n);
+void dequantize_lq3_by_channel_row(const block_lq3 * group, int t, int64_t j0, int64_t nj, float * y);
+
+// By channel for either format (type GGML_TYPE_LQ2 or GGML_TYPE_LQ3; false for any
+// other): group is n blocks of that type.
+bool ggml_lq_quantize_by_channel(enum ggml_type type, const float * x, void * group, int64_t n);
+bool ggml_lq_dequantize_by_channel_row(enum ggml_type type, const void * group, int t, int64_t j0, int64_t nj, float * y);
 
 #ifdef __cplusplus
 }

@@ -35,19 +35,41 @@ struct head_state {
 
 // Keys by channel: q . k of all 64 cells of a group held by channel at once, from the
 // head's DK blocks (block d: channel d's step, minimum and 64 codes): sum_d q_d m_d plus
-// sum_d (q_d step_d) code_d[t], 4 cells per code byte through the level table. A
-// group costs about what one cell's row decode and dot product cost per cell, in
-// loops the compiler vectorizes.
+// sum_d (q_d step_d) code_d[t], 4 cells per code byte through the level table (and, for
+// LQ3, 8 cells per high-bit byte). A group costs about what one cell's row decode and
+// dot product cost per cell, in loops the compiler vectorizes.
+static void add_low_codes(const uint8_t * qs, float a, float * acc) {
+    for (int b = 0; b < QK_LQ2/4; ++b) {
+        const float * l = ggml_lq2_levels[qs[b]];
+        for (int i = 0; i < 4; ++i) {
+            acc[4*b + i] += a*l[i];
+        }
+    }
+}
+
 static void group_scores_by_channel(const block_lq2 * blk, int64_t DK, const float * q, float * out) {
+    float acc[QK_LQ2] = {};
+    float base = 0.0f;
+    for (int64_t d = 0; d < DK; ++d) {
+        base += q[d]*GGML_CPU_FP16_TO_FP32(blk[d].m);
+        add_low_codes(blk[d].qs, q[d]*GGML_CPU_FP16_TO_FP32(blk[d].d), acc);
+    }
+    for (int t = 0; t < QK_LQ2; ++t) {
+        out[t] = base + acc[t];
+    }
+}
+
+static void group_scores_by_channel(const block_lq3 * blk, int64_t DK, const float * q, float * out) {
     float acc[QK_LQ2] = {};
     float base = 0.0f;
     for (int64_t d = 0; d < DK; ++d) {
         const float a = q[d]*GGML_CPU_FP16_TO_FP32(blk[d].d);
         base += q[d]*GGML_CPU_FP16_TO_FP32(blk[d].m);
-        for (int b = 0; b < QK_LQ2/4; ++b) {
-            const float * l = ggml_lq2_levels[blk[d].qs[b]];
-            for (int i = 0; i < 4; ++i) {
-                acc[4*b + i] += a*l[i];
+        add_low_codes(blk[d].qs, a, acc);
+        for (int b = 0; b < QK_LQ2/8; ++b) {
+            const float * h = ggml_lq3_high[blk[d].qh[b]];
+            for (int i = 0; i < 8; ++i) {
+                acc[8*b + i] += a*h[i];
             }
         }
     }
@@ -94,7 +116,8 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
     GGML_ASSERT(q->type == GGML_TYPE_F32 && mask->type == GGML_TYPE_F16);
     GGML_ASSERT(kov->type == GGML_TYPE_F16 && vov->type == GGML_TYPE_F16);
     GGML_ASSERT(dst->ne[0] == DV && dst->ne[1] == n_head && dst->ne[2] == N);
-    GGML_ASSERT(st->k_by_channel == nullptr || (k->type == GGML_TYPE_LQ2 && st->n_cells % QK_LQ2 == 0));
+    GGML_ASSERT(st->k_by_channel == nullptr ||
+                ((k->type == GGML_TYPE_LQ2 || k->type == GGML_TYPE_LQ3) && st->n_cells % QK_LQ2 == 0));
 
     // broadcast factors (grouped-query attention)
     const int64_t rk2 = n_head / k->ne[2];
@@ -207,8 +230,12 @@ void logquant_attn_compute(struct ggml_tensor * dst, int ith, int nth, void * us
                 if (by_channel && by_channel[ic / QK_LQ2]) {
                     // a group held by channel: its 64 scores at once, against the f32 query
                     if (g.ks_group != ic / QK_LQ2) {
-                        const block_lq2 * group = (const block_lq2 *) (k_stream + (ic - ic % QK_LQ2)*k->nb[1]);
-                        group_scores_by_channel(group + ik2*DK, DK, g.pq, g.KS);
+                        const char * group = k_stream + (ic - ic % QK_LQ2)*k->nb[1];
+                        if (k->type == GGML_TYPE_LQ3) {
+                            group_scores_by_channel((const block_lq3 *) group + ik2*DK, DK, g.pq, g.KS);
+                        } else {
+                            group_scores_by_channel((const block_lq2 *) group + ik2*DK, DK, g.pq, g.KS);
+                        }
                         g.ks_group = ic / QK_LQ2;
                     }
                     s = g.KS[ic % QK_LQ2];
