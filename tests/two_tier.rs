@@ -611,6 +611,46 @@ fn keys_by_channel_hold_the_reference_values_and_survive_a_rollback() {
     hold_the_reference_values_and_survive_a_rollback("streaming:D=64:center=none:keys=channel", Format::Lq2);
 }
 
+/// A policy whose newest window is shorter than a group (LogQuant at D=48: W = 16)
+/// demotes tokens before their group of 64 is complete; their f16 rows wait on the
+/// host, and the group is still coded by channel from the f16 values once complete.
+#[test]
+fn keys_by_channel_code_groups_whose_tokens_left_the_overlay_early() {
+    let model = tiny();
+    let tokens = some_tokens(160, model.model.n_vocab());
+    let mut ctx = context(&model, "logquant:D=48:center=none:keys=channel", 256, 1, 16);
+    let layers = [0, model.model.n_layer() as i32 - 1];
+    let mut f16: Vec<Vec<f32>> = vec![Vec::new(); layers.len()];
+    let mut batch = Batch::new(16).unwrap();
+    for start in (0..128).step_by(16) {
+        batch.clear();
+        for (p, &t) in tokens.iter().enumerate().skip(start).take(16) {
+            batch.add(t, p as i32, 0, false).unwrap();
+        }
+        ctx.decode(&batch).unwrap();
+        // the newest 16 are in the overlay right after their decode (W = 16)
+        for (l, &il) in layers.iter().enumerate() {
+            for p in start..start + 16 {
+                f16[l].extend(ctx.read_key(0, il, p as i32, false).unwrap());
+            }
+        }
+    }
+    let kept = ctx.full_precision(0).unwrap();
+    for (l, &il) in layers.iter().enumerate() {
+        let n = f16[l].len() / 128;
+        for g in 0..2 {
+            let rows = &f16[l][g * 64 * n..(g + 1) * 64 * n];
+            let want = lq2::dequantize_by_channel(&lq2::quantize_by_channel(rows, n), n);
+            let demoted: Vec<usize> = (g * 64..(g + 1) * 64).filter(|p| !kept.contains(&(*p as i32))).collect();
+            assert!(demoted.len() >= 16, "group {g}: {} demoted", demoted.len());
+            for p in demoted {
+                let got = ctx.read_key(0, il, p as i32, true).unwrap();
+                assert_eq!(got, want[(p - g * 64) * n..][..n], "layer {il}, position {p}");
+            }
+        }
+    }
+}
+
 /// The same with a 3-bit K store (lq3 blocks by channel, lq3 rows after the rollback).
 #[test]
 fn lq3_keys_by_channel_hold_the_reference_values_and_survive_a_rollback() {

@@ -16,6 +16,18 @@
 #include <map>
 #include <string>
 
+// Keys by channel: at most this many demoted rows per stream wait for their group
+// (two groups: a policy whose newest window is shorter than a group fills one while
+// the previous one completes).
+#define LOGQUANT_PENDING_ROWS (2*QK_LQ2)
+
+// std::erase_if for a map, in C++17.
+template <class Map, class Pred> static void erase_where(Map & m, Pred pred) {
+    for (auto it = m.begin(); it != m.end();) {
+        it = pred(*it) ? m.erase(it) : std::next(it);
+    }
+}
+
 // The two-tier attention op over fresh tensors of the layout the cache hands to the
 // kernel: q [D, tokens, heads, 1], K and V [D, cells, kv heads, 1], the mask, the
 // overlay's K and V rows and the slot -> cell map (`rows` slots).
@@ -170,6 +182,11 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32
         n_groups = n_cells / QK_LQ2;
         k_by_channel.assign(size_t(n_stream)*n_groups, 0);
         written_groups.resize(n_stream);
+        pending.resize(n_stream);
+        k_row_offs.assign(1, 0);
+        for (const auto & layer : kv.layers) {
+            k_row_offs.push_back(k_row_offs.back() + size_t(layer.k->ne[0]));
+        }
         state.k_by_channel = k_by_channel.data();
         // No Hadamard rotation of K: it spreads a channel's offset and scale over the
         // head, the structure quantizing by channel exploits (Qwen2.5-Coder-0.5B, 4096
@@ -224,6 +241,9 @@ void logquant_overlay::sweep(uint32_t strm) {
             free_slot(strm, int32_t(slot));
         }
     }
+    if (keys_by_channel) {
+        erase_where(pending[strm], [&](const auto & e) { return cells.is_empty(e.first); });
+    }
 }
 
 void logquant_overlay::on_ubatch(const llama_kv_cache::slot_info & sinfo, const llama_ubatch & ubatch) {
@@ -244,13 +264,17 @@ void logquant_overlay::on_ubatch(const llama_kv_cache::slot_info & sinfo, const 
             }
             if (keys_by_channel) {
                 std::fill_n(k_by_channel.begin() + size_t(strm)*n_groups, n_groups, 0);
+                pending[strm].clear();
             }
         }
         for (uint32_t ii = 0; ii < sinfo.size(); ++ii) {
             const uint32_t i    = s*sinfo.size() + ii;
             const uint32_t cell = sinfo.idxs[s][ii];
-            if (keys_by_channel && (written_groups[strm].empty() || written_groups[strm].back() != cell/QK_LQ2)) {
-                written_groups[strm].push_back(cell/QK_LQ2);
+            if (keys_by_channel) {
+                if (written_groups[strm].empty() || written_groups[strm].back() != cell/QK_LQ2) {
+                    written_groups[strm].push_back(cell/QK_LQ2);
+                }
+                pending[strm].erase(cell); // a new token: its old row is no longer the cell's
             }
             int32_t & slot = cell_to_slot[size_t(strm)*n_cells + cell];
             if (slot < 0) {
@@ -280,6 +304,7 @@ void logquant_overlay::copy_maps(uint32_t ssrc, uint32_t sdst) {
     if (keys_by_channel) {
         std::copy_n(k_by_channel.begin() + size_t(ssrc)*n_groups, n_groups, k_by_channel.begin() + size_t(sdst)*n_groups);
         written_groups[sdst] = written_groups[ssrc];
+        pending[sdst]        = pending[ssrc];
     }
 }
 
@@ -311,6 +336,9 @@ void logquant_overlay::drop_shifted() {
                 free_slot(strm, int32_t(slot));
             }
         }
+        if (keys_by_channel) { // their rows are about to change
+            erase_where(pending[strm], [&](const auto & e) { return !cells.is_empty(e.first) && cells.get_shift(e.first) != 0; });
+        }
     }
 }
 
@@ -325,6 +353,9 @@ void logquant_overlay::forget(llama_seq_id seq) {
                 free_slot(strm, int32_t(slot));
             }
         }
+        if (keys_by_channel) {
+            erase_where(pending[strm], [&](const auto & e) { return seq < 0 || cells.seq_has(e.first, seq); });
+        }
     }
 }
 
@@ -337,6 +368,7 @@ void logquant_overlay::set_full_precision(llama_seq_id seq, const llama_pos * po
     }
     if (keys_by_channel) {
         code_by_channel(strm); // also before any demotion: from the f16 copies
+        hold_demoted(strm, seq, pos, n);
     }
     for (uint32_t slot = 0; slot < n_slots; ++slot) {
         const int32_t c = slot_to_cell[size_t(strm)*n_slots + slot];
@@ -379,6 +411,7 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
     const uint32_t rows = std::max<uint32_t>(n_slots, 1);
     if (keys_by_channel) {
         uncode_stream(strm); // below, rows are read and written one token at a time
+        pending[strm].clear(); // uncentered rows
     }
 
     for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
@@ -521,7 +554,7 @@ void logquant_overlay::code_by_channel(uint32_t strm) {
         }
         bool ready = true;
         for (uint32_t c = g*QK_LQ2; c < (g + 1)*QK_LQ2 && ready; ++c) {
-            ready = !cells.is_empty(c) && cell_to_slot[size_t(strm)*n_cells + c] >= 0;
+            ready = !cells.is_empty(c) && (cell_to_slot[size_t(strm)*n_cells + c] >= 0 || is_pending(strm, c));
         }
         if (ready) {
             todo.push_back(g);
@@ -544,7 +577,9 @@ void logquant_overlay::code_by_channel(uint32_t strm) {
         for (uint32_t g : todo) {
             for (uint32_t t = 0; t < QK_LQ2; ++t) {
                 const int32_t slot = cell_to_slot[size_t(strm)*n_cells + g*QK_LQ2 + t];
-                ggml_fp16_to_fp32_row(ov_rows.data() + size_t(slot)*n_embd, x.data() + size_t(t)*n_embd, n_embd);
+                const ggml_fp16_t * row = slot >= 0 ? ov_rows.data() + size_t(slot)*n_embd
+                                                    : pending[strm].at(g*QK_LQ2 + t).k.data() + k_row_offs[ikv];
+                ggml_fp16_to_fp32_row(row, x.data() + size_t(t)*n_embd, n_embd);
             }
             GGML_ASSERT(ggml_lq_quantize_by_channel(store->type, x.data(), group.data(), n_embd));
             ggml_backend_tensor_set(store, group.data(), size_t(strm)*store->nb[2] + size_t(g)*QK_LQ2*store->nb[1],
@@ -553,6 +588,45 @@ void logquant_overlay::code_by_channel(uint32_t strm) {
     }
     for (uint32_t g : todo) {
         k_by_channel[size_t(strm)*n_groups + g] = 1;
+        pending[strm].erase(pending[strm].lower_bound(g*QK_LQ2), pending[strm].lower_bound((g + 1)*QK_LQ2));
+    }
+}
+
+bool logquant_overlay::is_pending(uint32_t strm, uint32_t c) const {
+    const auto it = pending[strm].find(c);
+    return it != pending[strm].end() && !kv.v_cells[strm].is_empty(c) && it->second.pos == kv.v_cells[strm].pos_get(c);
+}
+
+void logquant_overlay::hold_demoted(uint32_t strm, llama_seq_id seq, const llama_pos * pos, size_t n) {
+    const auto & cells = kv.v_cells[strm];
+    std::vector<std::pair<uint32_t, int32_t>> out; // (cell, slot)
+    for (uint32_t slot = 0; slot < n_slots; ++slot) {
+        const int32_t c = slot_to_cell[size_t(strm)*n_slots + slot];
+        if (c >= 0 && cells.seq_has(c, seq) && !std::binary_search(pos, pos + n, cells.pos_get(c)) &&
+            !k_by_channel[size_t(strm)*n_groups + uint32_t(c)/QK_LQ2]) {
+            out.emplace_back(uint32_t(c), int32_t(slot));
+        }
+    }
+    if (out.empty()) {
+        return;
+    }
+    sync();
+    const uint32_t rows = std::max<uint32_t>(n_slots, 1);
+    auto & held = pending[strm];
+    for (const auto & [c, slot] : out) {
+        held[c] = pending_row{ cells.pos_get(c), std::vector<ggml_fp16_t>(k_row_offs.back()) };
+    }
+    for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
+        ggml_tensor * ov     = k_ov[ikv];
+        const int64_t n_embd = kv.layers[ikv].k->ne[0];
+        std::vector<ggml_fp16_t> ov_rows(size_t(n_slots)*n_embd); // one read per layer
+        ggml_backend_tensor_get(ov, ov_rows.data(), size_t(strm)*rows*ov->nb[1], ov_rows.size()*sizeof(ggml_fp16_t));
+        for (const auto & [c, slot] : out) {
+            std::copy_n(ov_rows.data() + size_t(slot)*n_embd, n_embd, held[c].k.data() + k_row_offs[ikv]);
+        }
+    }
+    while (held.size() > LOGQUANT_PENDING_ROWS) {
+        held.erase(held.begin());
     }
 }
 

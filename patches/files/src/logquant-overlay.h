@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <map>
 #include <vector>
 
 struct llama_hparams;
@@ -151,6 +152,23 @@ struct logquant_overlay {
     std::vector<uint8_t> k_by_channel;
     uint32_t n_groups = 0; // groups per stream
     std::vector<std::vector<uint32_t>> written_groups; // per stream: groups written since code_by_channel
+    // Keys by channel with a policy that demotes a token before its group of 64 is
+    // complete (LogQuant with W < 64 keeps only its newest W..2W): the demoted keys'
+    // f16 rows (every layer's, concatenated; offsets k_row_offs) wait on the host until
+    // the group can be coded from them. Attention reads the store for those cells
+    // meanwhile, as the policy says. Per stream: cell -> (position, row); at most
+    // LOGQUANT_PENDING_ROWS per stream (the oldest cells go first).
+    struct pending_row {
+        llama_pos pos;
+        std::vector<ggml_fp16_t> k;
+    };
+    std::vector<std::map<uint32_t, pending_row>> pending;
+    std::vector<size_t> k_row_offs; // [n_layers + 1]: where each layer's row starts in a pending row
+    // Saves the rows of seq's overlay cells in stream strm that set_full_precision is
+    // about to demote (not in pos[0..n)) whose group is not coded yet.
+    void hold_demoted(uint32_t strm, llama_seq_id seq, const llama_pos * pos, size_t n);
+    // Whether stream strm's cell c has a usable pending row.
+    bool is_pending(uint32_t strm, uint32_t c) const;
 
     std::vector<int32_t> slot_to_cell; // [n_stream][n_slots]
     std::vector<int32_t> cell_to_slot; // [n_stream][n_cells]
