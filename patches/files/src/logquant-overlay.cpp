@@ -12,14 +12,41 @@
 #include "ggml-lq2.h"
 
 #include <algorithm>
+#include <atomic>
 #include <functional>
 #include <map>
 #include <string>
+#include <thread>
 
 // Keys by channel: at most this many demoted rows per stream wait for their group
 // (two groups: a policy whose newest window is shorter than a group fills one while
 // the previous one completes).
 #define LOGQUANT_PENDING_ROWS (2*QK_LQ2)
+
+// Runs fn(i) for every i in [0, n) on up to 16 threads: the host-side requantization
+// of centering's freeze and of keys by channel (~100 ms of one core per 64 tokens of
+// an 8B model) would otherwise stall the decode loop.
+template <class Fn> static void parallel_for(size_t n, Fn fn) {
+    const size_t nt = std::min<size_t>(n, std::clamp<unsigned>(std::thread::hardware_concurrency(), 1u, 16u));
+    if (nt <= 1) {
+        for (size_t i = 0; i < n; ++i) {
+            fn(i);
+        }
+        return;
+    }
+    std::atomic<size_t> next{ 0 };
+    std::vector<std::thread> threads;
+    for (size_t t = 0; t < nt; ++t) {
+        threads.emplace_back([&] {
+            for (size_t i = next++; i < n; i = next++) {
+                fn(i);
+            }
+        });
+    }
+    for (auto & t : threads) {
+        t.join();
+    }
+}
 
 // std::erase_if for a map, in C++17.
 template <class Map, class Pred> static void erase_where(Map & m, Pred pred) {
@@ -414,73 +441,88 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
         pending[strm].clear(); // uncentered rows
     }
 
+    // One job per (layer, K or V): read on this thread, compute on all cores (the
+    // requantization is ~100 ms of one core for 64 tokens of an 8B model), write here.
+    struct job {
+        ggml_tensor * store, * ov, * off;
+        std::vector<uint8_t>     store_rows;
+        std::vector<ggml_fp16_t> ov_rows;
+        std::vector<float>       mean;
+    };
+    std::vector<job> jobs;
     for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
-        const auto & layer = kv.layers[ikv];
-        for (int which = 0; which < 2; ++which) {
-            if (!(which == 0 ? center_k : center_v)) {
+        if (center_k) {
+            jobs.push_back({ kv.layers[ikv].k, k_ov[ikv], k_off[ikv], {}, {}, {} });
+        }
+        if (center_v) {
+            jobs.push_back({ kv.layers[ikv].v, v_ov[ikv], v_off[ikv], {}, {}, {} });
+        }
+    }
+    for (auto & jb : jobs) {
+        GGML_ASSERT(ggml_get_type_traits(jb.store->type)->to_float != nullptr &&
+                    ggml_get_type_traits_cpu(jb.store->type)->from_float != nullptr);
+        // the held tokens' values: the f16 copy where the overlay has one, else the store's
+        jb.store_rows.resize(size_t(n_range)*jb.store->nb[1]);
+        jb.ov_rows.resize(size_t(n_slots)*jb.store->ne[0]);
+        ggml_backend_tensor_get(jb.store, jb.store_rows.data(), size_t(strm)*jb.store->nb[2] + size_t(c0)*jb.store->nb[1],
+                                jb.store_rows.size());
+        if (n_slots > 0) {
+            ggml_backend_tensor_get(jb.ov, jb.ov_rows.data(), size_t(strm)*rows*jb.ov->nb[1], jb.ov_rows.size()*sizeof(ggml_fp16_t));
+        }
+    }
+    parallel_for(jobs.size(), [&](size_t ij) {
+        job & jb = jobs[ij];
+        const int64_t n_embd = jb.store->ne[0];
+        const auto *  traits = ggml_get_type_traits(jb.store->type);
+        const auto *  cpu    = ggml_get_type_traits_cpu(jb.store->type);
+        const size_t  nb1    = jb.store->nb[1];
+        std::vector<float> x(held.size()*n_embd);
+        for (size_t i = 0; i < held.size(); ++i) {
+            float * xi = x.data() + i*n_embd;
+            const int32_t slot = cell_to_slot[size_t(strm)*n_cells + held[i]];
+            if (slot >= 0) {
+                ggml_fp16_to_fp32_row(jb.ov_rows.data() + size_t(slot)*n_embd, xi, n_embd);
+            } else {
+                traits->to_float(jb.store_rows.data() + size_t(held[i] - c0)*nb1, xi, n_embd);
+            }
+        }
+        // the offset: each channel's mean over the tokens after position 0, whose
+        // values are often far from the others' (an attention sink)
+        std::vector<double> sum(n_embd, 0.0);
+        size_t n_mean = 0;
+        for (size_t i = 0; i < held.size(); ++i) {
+            if (past_first && cells.pos_get(held[i]) == 0) {
                 continue;
             }
-            ggml_tensor * store = which == 0 ? layer.k : layer.v;
-            ggml_tensor * ov    = which == 0 ? k_ov[ikv] : v_ov[ikv];
-            ggml_tensor * off   = which == 0 ? k_off[ikv] : v_off[ikv];
-            const int64_t n_embd = store->ne[0];
-            const auto * traits  = ggml_get_type_traits(store->type);
-            const auto * cpu     = ggml_get_type_traits_cpu(store->type);
-            GGML_ASSERT(traits->to_float != nullptr && cpu->from_float != nullptr);
-
-            // the held tokens' values: the f16 copy where the overlay has one, else the store's
-            const size_t store_base = size_t(strm)*store->nb[2] + size_t(c0)*store->nb[1];
-            std::vector<uint8_t>     store_rows(size_t(n_range)*store->nb[1]);
-            std::vector<ggml_fp16_t> ov_rows(size_t(n_slots)*n_embd);
-            ggml_backend_tensor_get(store, store_rows.data(), store_base, store_rows.size());
-            if (n_slots > 0) {
-                ggml_backend_tensor_get(ov, ov_rows.data(), size_t(strm)*rows*ov->nb[1], ov_rows.size()*sizeof(ggml_fp16_t));
-            }
-            std::vector<float> x(held.size()*n_embd);
-            for (size_t i = 0; i < held.size(); ++i) {
-                float * xi = x.data() + i*n_embd;
-                const int32_t slot = cell_to_slot[size_t(strm)*n_cells + held[i]];
-                if (slot >= 0) {
-                    ggml_fp16_to_fp32_row(ov_rows.data() + size_t(slot)*n_embd, xi, n_embd);
-                } else {
-                    traits->to_float(store_rows.data() + size_t(held[i] - c0)*store->nb[1], xi, n_embd);
-                }
-            }
-            // the offset: each channel's mean over the tokens after position 0, whose
-            // values are often far from the others' (an attention sink)
-            std::vector<double> sum(n_embd, 0.0);
-            size_t n_mean = 0;
-            for (size_t i = 0; i < held.size(); ++i) {
-                if (past_first && cells.pos_get(held[i]) == 0) {
-                    continue;
-                }
-                for (int64_t j = 0; j < n_embd; ++j) {
-                    sum[j] += x[i*n_embd + j];
-                }
-                n_mean++;
-            }
-            std::vector<float> mean(n_embd);
             for (int64_t j = 0; j < n_embd; ++j) {
-                mean[j] = float(sum[j]/double(n_mean));
+                sum[j] += x[i*n_embd + j];
             }
-            // both tiers of the held tokens, rewritten as centered values
-            for (size_t i = 0; i < held.size(); ++i) {
-                float * xi = x.data() + i*n_embd;
-                for (int64_t j = 0; j < n_embd; ++j) {
-                    xi[j] -= mean[j];
-                }
-                cpu->from_float(xi, store_rows.data() + size_t(held[i] - c0)*store->nb[1], n_embd);
-                const int32_t slot = cell_to_slot[size_t(strm)*n_cells + held[i]];
-                if (slot >= 0) {
-                    ggml_fp32_to_fp16_row(xi, ov_rows.data() + size_t(slot)*n_embd, n_embd);
-                }
-            }
-            ggml_backend_tensor_set(store, store_rows.data(), store_base, store_rows.size());
-            if (n_slots > 0) {
-                ggml_backend_tensor_set(ov, ov_rows.data(), size_t(strm)*rows*ov->nb[1], ov_rows.size()*sizeof(ggml_fp16_t));
-            }
-            ggml_backend_tensor_set(off, mean.data(), size_t(strm)*off->nb[1], mean.size()*sizeof(float));
+            n_mean++;
         }
+        jb.mean.resize(n_embd);
+        for (int64_t j = 0; j < n_embd; ++j) {
+            jb.mean[j] = float(sum[j]/double(n_mean));
+        }
+        // both tiers of the held tokens, rewritten as centered values
+        for (size_t i = 0; i < held.size(); ++i) {
+            float * xi = x.data() + i*n_embd;
+            for (int64_t j = 0; j < n_embd; ++j) {
+                xi[j] -= jb.mean[j];
+            }
+            cpu->from_float(xi, jb.store_rows.data() + size_t(held[i] - c0)*nb1, n_embd);
+            const int32_t slot = cell_to_slot[size_t(strm)*n_cells + held[i]];
+            if (slot >= 0) {
+                ggml_fp32_to_fp16_row(xi, jb.ov_rows.data() + size_t(slot)*n_embd, n_embd);
+            }
+        }
+    });
+    for (auto & jb : jobs) {
+        ggml_backend_tensor_set(jb.store, jb.store_rows.data(), size_t(strm)*jb.store->nb[2] + size_t(c0)*jb.store->nb[1],
+                                jb.store_rows.size());
+        if (n_slots > 0) {
+            ggml_backend_tensor_set(jb.ov, jb.ov_rows.data(), size_t(strm)*rows*jb.ov->nb[1], jb.ov_rows.size()*sizeof(ggml_fp16_t));
+        }
+        ggml_backend_tensor_set(jb.off, jb.mean.data(), size_t(strm)*jb.off->nb[1], jb.mean.size()*sizeof(float));
     }
     frozen[strm] = 1;
 }
@@ -564,27 +606,37 @@ void logquant_overlay::code_by_channel(uint32_t strm) {
         return;
     }
     sync();
-    const uint32_t rows = std::max<uint32_t>(n_slots, 1);
-    for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
-        ggml_tensor * store = kv.layers[ikv].k;
-        ggml_tensor * ov    = k_ov[ikv];
-        const int64_t n_embd = store->ne[0];
-        // the stream's overlay K rows in one read (one transfer where the cache is on a GPU)
-        std::vector<ggml_fp16_t> ov_rows(size_t(n_slots)*n_embd);
-        ggml_backend_tensor_get(ov, ov_rows.data(), size_t(strm)*rows*ov->nb[1], ov_rows.size()*sizeof(ggml_fp16_t));
-        std::vector<float>       x(size_t(QK_LQ2)*n_embd);
-        std::vector<uint8_t>     group(size_t(QK_LQ2)*store->nb[1]); // n_embd blocks
-        for (uint32_t g : todo) {
-            for (uint32_t t = 0; t < QK_LQ2; ++t) {
-                const int32_t slot = cell_to_slot[size_t(strm)*n_cells + g*QK_LQ2 + t];
-                const ggml_fp16_t * row = slot >= 0 ? ov_rows.data() + size_t(slot)*n_embd
-                                                    : pending[strm].at(g*QK_LQ2 + t).k.data() + k_row_offs[ikv];
-                ggml_fp16_to_fp32_row(row, x.data() + size_t(t)*n_embd, n_embd);
-            }
-            GGML_ASSERT(ggml_lq_quantize_by_channel(store->type, x.data(), group.data(), n_embd));
-            ggml_backend_tensor_set(store, group.data(), size_t(strm)*store->nb[2] + size_t(g)*QK_LQ2*store->nb[1],
-                                    group.size());
+    const uint32_t rows     = std::max<uint32_t>(n_slots, 1);
+    const size_t   n_layers = kv.layers.size();
+    // the stream's overlay K rows, one read per layer (one transfer where the cache is on a GPU)
+    std::vector<std::vector<ggml_fp16_t>> ov_rows(n_layers);
+    for (size_t ikv = 0; ikv < n_layers; ++ikv) {
+        ggml_tensor * ov = k_ov[ikv];
+        ov_rows[ikv].resize(size_t(n_slots)*kv.layers[ikv].k->ne[0]);
+        ggml_backend_tensor_get(ov, ov_rows[ikv].data(), size_t(strm)*rows*ov->nb[1], ov_rows[ikv].size()*sizeof(ggml_fp16_t));
+    }
+    // each (layer, group) coded on all cores, then written here
+    std::vector<std::vector<uint8_t>> coded(n_layers*todo.size());
+    parallel_for(coded.size(), [&](size_t i) {
+        const size_t   ikv    = i / todo.size();
+        const uint32_t g      = todo[i % todo.size()];
+        ggml_tensor *  store  = kv.layers[ikv].k;
+        const int64_t  n_embd = store->ne[0];
+        std::vector<float> x(size_t(QK_LQ2)*n_embd);
+        for (uint32_t t = 0; t < QK_LQ2; ++t) {
+            const int32_t slot = cell_to_slot[size_t(strm)*n_cells + g*QK_LQ2 + t];
+            const ggml_fp16_t * row = slot >= 0 ? ov_rows[ikv].data() + size_t(slot)*n_embd
+                                                : pending[strm].at(g*QK_LQ2 + t).k.data() + k_row_offs[ikv];
+            ggml_fp16_to_fp32_row(row, x.data() + size_t(t)*n_embd, n_embd);
         }
+        coded[i].resize(size_t(QK_LQ2)*store->nb[1]); // n_embd blocks
+        GGML_ASSERT(ggml_lq_quantize_by_channel(store->type, x.data(), coded[i].data(), n_embd));
+    });
+    for (size_t i = 0; i < coded.size(); ++i) {
+        ggml_tensor * store = kv.layers[i / todo.size()].k;
+        const uint32_t g    = todo[i % todo.size()];
+        ggml_backend_tensor_set(store, coded[i].data(), size_t(strm)*store->nb[2] + size_t(g)*QK_LQ2*store->nb[1],
+                                coded[i].size());
     }
     for (uint32_t g : todo) {
         k_by_channel[size_t(strm)*n_groups + g] = 1;
