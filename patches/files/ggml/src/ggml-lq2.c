@@ -208,14 +208,23 @@ size_t quantize_lq3(const float * src, void * dst, int64_t nrow, int64_t n_per_r
     return (size_t) nrow * row_size;
 }
 
-void quantize_lq2_by_channel(const float * x, block_lq2 * group, int64_t n) {
+// Channel j of QK_LQ2 rows of n values as block j of the group, by the row quantizer q.
+static void quantize_by_channel(const float * x, char * group, size_t block_bytes, int64_t n,
+                                void (*q)(const float *, char *)) {
     float col[QK_LQ2];
     for (int64_t j = 0; j < n; j++) {
         for (int t = 0; t < QK_LQ2; t++) {
             col[t] = x[t*n + j];
         }
-        quantize_row_lq2_ref(col, group + j, QK_LQ2);
+        q(col, group + j*block_bytes);
     }
+}
+
+static void quantize_block_lq2(const float * x, char * y) { quantize_row_lq2_ref(x, (block_lq2 *) y, QK_LQ2); }
+static void quantize_block_lq3(const float * x, char * y) { quantize_row_lq3_ref(x, (block_lq3 *) y, QK_LQ2); }
+
+void quantize_lq2_by_channel(const float * x, block_lq2 * group, int64_t n) {
+    quantize_by_channel(x, (char *) group, sizeof(block_lq2), n, quantize_block_lq2);
 }
 
 void dequantize_lq2_by_channel_row(const block_lq2 * group, int t, int64_t j0, int64_t nj, float * y) {
@@ -230,13 +239,7 @@ void dequantize_lq2_by_channel_row(const block_lq2 * group, int t, int64_t j0, i
 }
 
 void quantize_lq3_by_channel(const float * x, block_lq3 * group, int64_t n) {
-    float col[QK_LQ2];
-    for (int64_t j = 0; j < n; j++) {
-        for (int t = 0; t < QK_LQ2; t++) {
-            col[t] = x[t*n + j];
-        }
-        quantize_row_lq3_ref(col, group + j, QK_LQ2);
-    }
+    quantize_by_channel(x, (char *) group, sizeof(block_lq3), n, quantize_block_lq3);
 }
 
 void dequantize_lq3_by_channel_row(const block_lq3 * group, int t, int64_t j0, int64_t nj, float * y) {
