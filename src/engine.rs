@@ -9,12 +9,10 @@ use crate::kvconfig::{Centering, KvConfig};
 use crate::llama::{self, Context, ContextParams, FlashAttn, LlamaError, Model, ModelParams};
 use crate::session::Session;
 
-/// The largest micro-batch of a two-tier context by default. Every token written needs an
-/// overlay slot until the policy runs after the decode, so the overlay holds the budget
-/// plus one micro-batch: 64 keeps that under 0.5 bits per value at 16384 tokens with the
-/// default budget, at little cost to prompt speed on a CPU. A configuration may ask for
-/// more (`ub=N`, [`crate::kvconfig::KvConfig::ubatch`]): a GPU prefills one long prompt
-/// faster in wider micro-batches.
+/// The largest micro-batch of a two-tier context. Every token written needs an overlay
+/// slot until the policy runs after the decode, so the overlay holds the budget plus
+/// one micro-batch: 64 keeps that under 0.5 bits per value at 16384 tokens with the
+/// default budget, at little cost to prompt speed on a CPU.
 pub const TWO_TIER_MAX_UBATCH: u32 = 64;
 
 /// The sizes of a two-tier context.
@@ -158,10 +156,7 @@ impl LoadedModel {
     /// How a two-tier context is sized (None for a single-tier cache).
     pub fn two_tier_sizes(cfg: &ContextConfig) -> Option<TwoTierSizes> {
         let policy = cfg.kv.policy?;
-        let per_seq = match cfg.kv.ubatch {
-            0 => cfg.n_ubatch.min(cfg.n_batch).clamp(1, TWO_TIER_MAX_UBATCH),
-            n => n.min(cfg.n_batch.max(1)),
-        };
+        let per_seq = cfg.n_ubatch.min(cfg.n_batch).clamp(1, TWO_TIER_MAX_UBATCH);
         // D = 0 is q2 through the two-tier kernels: no slot, not even for new tokens.
         let budget = policy.dense_budget();
         let one = per_seq.max(cfg.n_seq);

@@ -111,14 +111,12 @@ pub fn evaluate(
     if opts.step == 0 || opts.step > MAX_STEP {
         return Err(EngineError::Input(format!("--step must be within 1..={MAX_STEP}, not {}", opts.step)));
     }
-    for kv in configs.iter().filter(|c| c.policy.is_some()) {
-        let width = if kv.ubatch > 0 { kv.ubatch } else { crate::engine::TWO_TIER_MAX_UBATCH } as usize;
-        if opts.step > width {
-            return Err(EngineError::Input(format!(
-                "{kv} takes at most {width} tokens of a sequence per decode; use --step {width} or less (or ub={} in the cache)",
-                opts.step.min(crate::kvconfig::MAX_TWO_TIER_UBATCH as usize)
-            )));
-        }
+    if opts.step > crate::engine::TWO_TIER_MAX_UBATCH as usize && configs.iter().any(|c| c.policy.is_some()) {
+        return Err(EngineError::Input(format!(
+            "the two-tier cache takes at most {} tokens of a sequence per decode; use --step {} or less",
+            crate::engine::TWO_TIER_MAX_UBATCH,
+            crate::engine::TWO_TIER_MAX_UBATCH
+        )));
     }
     let make = |kv: KvConfig| -> Result<Track, EngineError> {
         let mut cfg = opts.context.clone();

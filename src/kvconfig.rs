@@ -44,15 +44,7 @@ pub struct KvConfig {
     /// tokens are quantized per channel rather than per token (include/logquant.h,
     /// LOGQUANT_KEYS_BY_CHANNEL). Needs an lq2 or lq3 K store.
     pub keys_by_channel: bool,
-    /// Two-tier cache: the most tokens of one sequence per decode call (`ub=N`, up to
-    /// [`MAX_TWO_TIER_UBATCH`]); every one needs an overlay slot until the policy runs,
-    /// so the overlay holds D + N slots per sequence. 0: the default
-    /// (`engine::TWO_TIER_MAX_UBATCH`, or a smaller --ubatch-size).
-    pub ubatch: u32,
 }
-
-/// The widest `ub=N` a two-tier configuration takes.
-pub const MAX_TWO_TIER_UBATCH: u32 = 512;
 
 /// Per-sequence centering of the two-tier cache's K and V: each channel's offset,
 /// taken from the first tokens, subtracted before quantizing (include/logquant.h).
@@ -115,7 +107,6 @@ impl KvConfig {
         center: Centering::NONE,
         swa_recent: false,
         keys_by_channel: false,
-        ubatch: 0,
     };
     pub const Q2: KvConfig = KvConfig {
         k: KvCacheType::Lq2,
@@ -124,11 +115,10 @@ impl KvConfig {
         center: Centering::NONE,
         swa_recent: false,
         keys_by_channel: false,
-        ubatch: 0,
     };
 
     pub fn new(k: KvCacheType, v: KvCacheType) -> KvConfig {
-        KvConfig { k, v, policy: None, center: Centering::NONE, swa_recent: false, keys_by_channel: false, ubatch: 0 }
+        KvConfig { k, v, policy: None, center: Centering::NONE, swa_recent: false, keys_by_channel: false }
     }
 
     /// The two-tier cache: lq2 store plus the policy's f16 overlay.
@@ -140,7 +130,6 @@ impl KvConfig {
             center: DEFAULT_CENTERING,
             swa_recent: DEFAULT_SWA_RECENT,
             keys_by_channel: false,
-            ubatch: 0,
         }
     }
 
@@ -200,17 +189,6 @@ impl KvConfig {
                 };
                 continue;
             }
-            if key == "UB" {
-                match value.parse::<u32>() {
-                    Ok(n) if (1..=MAX_TWO_TIER_UBATCH).contains(&n) => cfg.ubatch = n,
-                    _ => {
-                        return Some(Err(err(format!(
-                            "ub takes a token count from 1 to {MAX_TWO_TIER_UBATCH} (tokens of a sequence per decode call), not '{value}'"
-                        ))))
-                    }
-                }
-                continue;
-            }
             if key == "CENTER" {
                 let Some(c) = Centering::parse(value) else {
                     return Some(Err(err(format!("center takes kv, k, v or none, not '{value}'"))));
@@ -229,7 +207,7 @@ impl KvConfig {
                 ("W", "logquant") => Policy::LogQuant { window: n.min(MAX_BUDGET / 3) },
                 _ => {
                     return Some(Err(err(format!(
-                    "{kind} takes D=N{}, k=TYPE, v=TYPE, center=kv|k|v|none, keys=channel|token, swa=recent|same and ub=N",
+                    "{kind} takes D=N{}, k=TYPE, v=TYPE, center=kv|k|v|none, keys=channel|token and swa=recent|same",
                     if kind == "logquant" { " or W=N" } else { "" }
                 ))))
                 }
@@ -321,9 +299,6 @@ impl fmt::Display for KvConfig {
             if self.swa_recent != DEFAULT_SWA_RECENT {
                 write!(f, ":swa={}", if self.swa_recent { "recent" } else { "same" })?;
             }
-            if self.ubatch > 0 {
-                write!(f, ":ub={}", self.ubatch)?;
-            }
             Ok(())
         } else if *self == KvConfig::Q2 {
             write!(f, "q2")
@@ -374,10 +349,6 @@ mod tests {
         assert!(KvConfig::parse("kivi:W=3").is_err());
         assert!(KvConfig::parse("streaming:D=abc").is_err());
         assert!(KvConfig::parse("logquant:D").is_err());
-        for ub in ["0", "513", "x"] {
-            let e = KvConfig::parse(&format!("logquant:ub={ub}")).unwrap_err().to_string();
-            assert!(e.contains("ub takes a token count from 1 to 512"), "{e}");
-        }
         assert!(KvConfig::parse("").is_err());
     }
 
@@ -403,7 +374,6 @@ mod tests {
             "kivi:D=8:center=none",
             "logquant:D=384:center=kv",
             "streaming:D=64:swa=same",
-            "logquant:D=384:ub=512",
         ] {
             assert_eq!(KvConfig::parse(name).unwrap().to_string(), name);
         }

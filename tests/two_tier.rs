@@ -463,7 +463,6 @@ fn the_kv_bytes_llama_allocates_match_the_prediction_with_the_overlay() {
         ("logquant:D=0", 2),
         ("logquant:D=64:center=k", 3),
         ("logquant:D=64:k=q4_0", 1),
-        ("logquant:D=64:ub=200", 2),
     ] {
         let mut cfg = ContextConfig::new(1024);
         cfg.kv = KvConfig::parse(kv).unwrap();
@@ -473,8 +472,7 @@ fn the_kv_bytes_llama_allocates_match_the_prediction_with_the_overlay() {
         assert_eq!(ctx.memory().kv_bytes() as u64, predicted, "{kv} x {n_seq}");
         let stats = ctx.overlay().unwrap();
         let budget = cfg.kv.policy.unwrap().dense_budget();
-        let width = if cfg.kv.ubatch > 0 { cfg.kv.ubatch } else { engine::TWO_TIER_MAX_UBATCH };
-        let want = if budget == 0 { 0 } else { budget + width };
+        let want = if budget == 0 { 0 } else { budget + engine::TWO_TIER_MAX_UBATCH };
         assert_eq!(stats.slots_per_stream, want);
     }
 }
@@ -707,47 +705,4 @@ fn hold_the_reference_values_and_survive_a_rollback(kv: &str, k_format: Format) 
     // without an f16 copy there is nothing to read from the overlay
     assert!(ctx.read_key(0, 0, demoted[0], false).is_err());
     assert!(ctx.read_key(0, 0, 500, true).is_err());
-}
-
-/// `ub=N`: a two-tier context that takes N tokens of a sequence per decode call (the
-/// overlay holds D + N slots) decodes a 200-token prompt in one call as the default
-/// width does in four, keeps every token where D covers them, and refuses N + 1 tokens
-/// with an error that names the limit.
-#[test]
-fn a_wide_two_tier_micro_batch_prefills_in_one_call() {
-    let model = engine::load_model(&common::tiny_model(), &ModelParams::default()).unwrap();
-    let n_vocab = model.model.n_vocab();
-    let tokens: Vec<i32> = (0..201).map(|i| (3 + (i * 7919 + i * i * 31) % (n_vocab - 3)) as i32).collect();
-    let make = |kv: &str| {
-        let mut cfg = ContextConfig::new(512);
-        cfg.kv = KvConfig::parse(kv).unwrap();
-        model.new_context(&cfg).unwrap()
-    };
-    let last_logits = |ctx: &mut logquant::session::Session, width: usize| -> Vec<f32> {
-        let mut batch = Batch::new(width).unwrap();
-        for start in (0..200).step_by(width) {
-            batch.clear();
-            for (p, &t) in tokens.iter().enumerate().take(200).skip(start).take(width) {
-                batch.add(t, p as i32, 0, p == 199).unwrap();
-            }
-            ctx.decode(&batch).unwrap();
-        }
-        ctx.logits(batch.len() - 1).unwrap().to_vec()
-    };
-    let mut wide = make("logquant:D=300:ub=200");
-    assert_eq!(wide.max_tokens_per_sequence(), 200);
-    assert_eq!(wide.overlay().unwrap().slots_per_stream, 500);
-    let one_call = last_logits(&mut wide, 200);
-    assert_eq!(wide.full_precision(0).unwrap().len(), 200, "D = 300 keeps all 200");
-    let four_calls = last_logits(&mut make("logquant:D=300"), 64);
-    let argmax = |x: &[f32]| x.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-    let diff = one_call.iter().zip(&four_calls).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(diff < 1e-2 && argmax(&one_call) == argmax(&four_calls), "max |one - four| = {diff}");
-
-    let mut batch = Batch::new(201).unwrap();
-    for (p, &t) in tokens.iter().enumerate() {
-        batch.add(t, p as i32, 0, false).unwrap();
-    }
-    let e = make("logquant:D=300:ub=200").decode(&batch).unwrap_err().to_string();
-    assert!(e.contains("201 tokens of sequence 0") && e.contains("at most 200"), "{e}");
 }
