@@ -149,6 +149,12 @@ def main():
         "aggregate_tokens_per_second": gen / wall if wall > 0 else None,
         "engine_seconds": steps,
         "engine_tokens_per_second": decoded / steps if steps > 0 else None,
+        # the engine thread's time by part (see /metrics): where a step's time goes
+        "engine_phase_seconds": {
+            phase: after.get(f"logquant_engine_{phase}_seconds_total", 0)
+            - before.get(f"logquant_engine_{phase}_seconds_total", 0)
+            for phase in ("llama_decode", "policy", "sample")
+        },
         "ttft_p50_seconds": pct(ttfts, 50),
         "ttft_p99_seconds": pct(ttfts, 99),
     }
@@ -158,6 +164,8 @@ def main():
     print(f"| {a.label} | {out['sequences']} | {out['completed']} | {out['refused']} | "
           f"{f(out['prompt_tokens_mean'], '.0f')} | {gen} | {wall:.1f} | {f(out['aggregate_tokens_per_second'], '.1f')} | "
           f"{f(out['ttft_p50_seconds'], '.2f')} | {f(out['ttft_p99_seconds'], '.2f')} |")
+    print("engine seconds by part: " + ", ".join(f"{k} {v:.2f}" for k, v in out["engine_phase_seconds"].items()),
+          file=sys.stderr)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=1)

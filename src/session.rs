@@ -14,6 +14,7 @@
 //! (3W versus 2W at N = 3W). `Retention::prefill` stays available and tested.
 
 use std::ops::{Deref, DerefMut};
+use std::time::{Duration, Instant};
 
 use crate::llama::{Batch, CacheLayers, Context, LlamaError, OverlayStats};
 use crate::retention::{Policy, Pos, Retention};
@@ -26,13 +27,25 @@ pub struct Session<'m> {
     max_per_seq: u32,
     /// Sliding-window layers keep each sequence's newest D tokens (KvConfig::swa_recent).
     swa_recent: bool,
+    /// Wall time in [`Session::decode`]'s two parts, summed over its calls.
+    times: DecodeTimes,
+}
+
+/// Where [`Session::decode`]'s wall time goes, summed over calls: llama.cpp's
+/// `llama_decode`, and the retention policy pushed into the cache after it. On a GPU
+/// `llama_decode` may return before the GPU is done; the wait then shows up in
+/// whatever next needs its results (the policy, or reading the logits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeTimes {
+    pub llama_decode: Duration,
+    pub policy: Duration,
 }
 
 impl<'m> Session<'m> {
     /// A single-tier context: llama.cpp's cache types, or q2.
     pub fn plain(ctx: Context<'m>) -> Session<'m> {
         let max_per_seq = ctx.n_batch();
-        Session { ctx, retention: None, max_per_seq, swa_recent: false }
+        Session { ctx, retention: None, max_per_seq, swa_recent: false, times: DecodeTimes::default() }
     }
 
     /// A context whose overlay is already enabled, run by `policy` on each sequence,
@@ -42,7 +55,13 @@ impl<'m> Session<'m> {
     /// of each sequence instead (where the model has such layers).
     pub fn two_tier(ctx: Context<'m>, policy: Policy, max_per_seq: u32, swa_recent: bool) -> Session<'m> {
         let n = ctx.n_seq_max() as usize;
-        Session { ctx, retention: Some(vec![Retention::new(policy); n]), max_per_seq, swa_recent }
+        Session {
+            ctx,
+            retention: Some(vec![Retention::new(policy); n]),
+            max_per_seq,
+            swa_recent,
+            times: DecodeTimes::default(),
+        }
     }
 
     /// The most tokens of one sequence a decode call may carry: feed prompts in chunks
@@ -94,7 +113,24 @@ impl<'m> Session<'m> {
                 )));
             }
         }
-        self.ctx.decode(batch)?;
+        let t = Instant::now();
+        let decoded = self.ctx.decode(batch);
+        self.times.llama_decode += t.elapsed();
+        decoded?;
+        let t = Instant::now();
+        let applied = self.apply_policy(batch);
+        self.times.policy += t.elapsed();
+        applied
+    }
+
+    /// Wall time spent in [`Session::decode`] so far, by part.
+    pub fn decode_times(&self) -> DecodeTimes {
+        self.times
+    }
+
+    /// Advances the policy of every sequence `batch` extended and pushes the result
+    /// into the cache.
+    fn apply_policy(&mut self, batch: &Batch) -> Result<(), LlamaError> {
         let Some(ret) = &mut self.retention else {
             return Ok(());
         };

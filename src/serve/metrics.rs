@@ -19,6 +19,12 @@ pub struct Metrics {
     pub decode_steps: AtomicU64,
     /// Seconds spent in decode calls, in microseconds.
     pub decode_micros: AtomicU64,
+    /// The engine thread's time by part, in microseconds: llama.cpp's decode, the
+    /// retention policy after it, and sampling (which first waits for the logits, so
+    /// GPU work still running when the policy ends is counted here).
+    pub llama_decode_micros: AtomicU64,
+    pub policy_micros: AtomicU64,
+    pub sample_micros: AtomicU64,
     /// Tokens per second of the recent decode steps (an f64's bits).
     pub decode_rate_bits: AtomicU64,
     pub overlay_slots_used: AtomicU64,
@@ -68,6 +74,25 @@ impl Metrics {
         put("decode_steps_total", "counter", "Decode calls (one per batch step).", c(&self.decode_steps));
         let secs = self.decode_micros.load(Relaxed) as f64 / 1e6;
         put("decode_seconds_total", "counter", "Seconds spent in decode calls.", format!("{secs:.6}"));
+        let micros = |a: &AtomicU64| format!("{:.6}", a.load(Relaxed) as f64 / 1e6);
+        put(
+            "engine_llama_decode_seconds_total",
+            "counter",
+            "Seconds of the engine thread in llama.cpp's decode.",
+            micros(&self.llama_decode_micros),
+        );
+        put(
+            "engine_policy_seconds_total",
+            "counter",
+            "Seconds of the engine thread in the retention policy after each decode (two-tier cache).",
+            micros(&self.policy_micros),
+        );
+        put(
+            "engine_sample_seconds_total",
+            "counter",
+            "Seconds of the engine thread sampling, waiting for the logits included.",
+            micros(&self.sample_micros),
+        );
         let rate = f64::from_bits(self.decode_rate_bits.load(Relaxed));
         put(
             "decode_tokens_per_second",
@@ -99,6 +124,8 @@ mod tests {
         assert!(text.contains("logquant_requests_total 3\n"));
         assert!(text.contains("logquant_queue_length 2\n"));
         assert!(text.contains("logquant_decode_tokens_per_second 12.500\n"));
+        Metrics::add(&m.policy_micros, 1_500_000);
+        assert!(m.render(0).contains("logquant_engine_policy_seconds_total 1.500000\n"));
         for line in text.lines() {
             let sample = line.split(' ').count() == 2 && line.starts_with("logquant_");
             assert!(line.starts_with("# HELP ") || line.starts_with("# TYPE ") || sample, "{line}");

@@ -205,10 +205,14 @@ pub fn run(
             continue;
         }
         let t0 = Instant::now();
+        let before = session.decode_times();
         let result = session.decode(&batch);
         let dt = t0.elapsed();
+        let after = session.decode_times();
         Metrics::add(&metrics.decode_steps, 1);
         Metrics::add(&metrics.decode_micros, dt.as_micros() as u64);
+        Metrics::add(&metrics.llama_decode_micros, (after.llama_decode - before.llama_decode).as_micros() as u64);
+        Metrics::add(&metrics.policy_micros, (after.policy - before.policy).as_micros() as u64);
         Metrics::add(&metrics.prompt_tokens, prefill_tokens as u64);
         if let Some(o) = session.overlay() {
             metrics.overlay_slots_used.store(o.slots_used, Relaxed);
@@ -230,6 +234,7 @@ pub fn run(
         }
 
         // Sample for every row with logits.
+        let t_sample = Instant::now();
         let mut ended: Vec<usize> = Vec::new();
         let sampled = rows.len();
         for (i, row) in rows {
@@ -277,6 +282,7 @@ pub fn run(
                 ended.push(i);
             }
         }
+        Metrics::add(&metrics.sample_micros, t_sample.elapsed().as_micros() as u64);
         let generating = sampled as f64;
         if dt.as_secs_f64() > 0.0 && generating > 0.0 {
             // A moving average over roughly the last 16 steps.

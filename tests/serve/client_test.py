@@ -149,6 +149,10 @@ def check_concurrent_equals_alone(s):
         assert a == t, f"prompt {i}: alone {a!r}, under load {t!r}"
     m = s.metrics()
     assert m["logquant_active_sequences"] == 0 and m["logquant_queue_length"] == 0, m
+    # the engine thread's time by part covers the decode calls it made
+    parts = sum(m[f"logquant_engine_{p}_seconds_total"] for p in ("llama_decode", "policy"))
+    assert 0 < parts <= m["logquant_decode_seconds_total"] + 1e-3, m
+    assert m["logquant_engine_sample_seconds_total"] > 0, m
 
 
 def check_cancel_frees_sequence(s):
