@@ -72,9 +72,9 @@ impl Metrics {
         put("active_sequences", "gauge", "Sequences being prefilled or decoded.", c(&self.active_sequences));
         put("parallel_sequences", "gauge", "Sequences the context holds (the memory plan).", c(&self.parallel));
         put("decode_steps_total", "counter", "Decode calls (one per batch step).", c(&self.decode_steps));
-        let secs = self.decode_micros.load(Relaxed) as f64 / 1e6;
-        put("decode_seconds_total", "counter", "Seconds spent in decode calls.", format!("{secs:.6}"));
+        // counters kept in microseconds, shown in seconds
         let micros = |a: &AtomicU64| format!("{:.6}", a.load(Relaxed) as f64 / 1e6);
+        put("decode_seconds_total", "counter", "Seconds spent in decode calls.", micros(&self.decode_micros));
         put(
             "engine_llama_decode_seconds_total",
             "counter",
