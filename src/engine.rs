@@ -190,6 +190,24 @@ impl LoadedModel {
         self.info.overlay_bytes(&params, slots, cfg.kv.center != Centering::NONE)
     }
 
+    /// GPU memory the two-tier cache's prefill path borrows from ggml's CUDA pool
+    /// (ggml-cuda/logquant-attn.cu, LQ_DENSE_SCRATCH): with many queries per sequence
+    /// the store of the micro-batch's sequences is dequantized to f16 for flash attention,
+    /// at most 256 MiB at a time but always one whole sequence (K and V of its widest
+    /// layer). 0 for a single-tier cache. llama.cpp's memory breakdown cannot see it, so
+    /// the memory plan adds it for a cache on the GPU.
+    pub fn dense_prefill_scratch(&self, cfg: &ContextConfig, n_ctx: u32) -> u64 {
+        const LQ_DENSE_SCRATCH: u64 = 256 << 20;
+        if cfg.kv.policy.is_none() {
+            return 0;
+        }
+        let widest = (0..self.info.n_layer as usize).map(|il| self.info.n_embd_k_gqa(il)).max().unwrap_or(0);
+        let per_seq = u64::from(n_ctx / cfg.n_seq.max(1));
+        let one = 2 * per_seq * widest * 2; // K and V, f16
+        let all = one * u64::from(cfg.n_seq.max(1));
+        all.min(LQ_DENSE_SCRATCH).max(one)
+    }
+
     /// Free memory of the GPU where offloaded layers keep their KV cache; None when
     /// the cache stays on the CPU (no layer offloaded, or no GPU this build sees).
     pub fn cache_gpu_free(&self) -> Option<u64> {

@@ -72,6 +72,9 @@ fn probe(
     m.compute_host += logits_bytes(model, n_seq) as usize;
     // A sizing context allocates no overlay: add what the two-tier cache would.
     m.context_host += model.overlay_bytes(&cfg, n_ctx)? as usize;
+    if m.context_device > 0 {
+        m.compute_device += model.dense_prefill_scratch(&cfg, n_ctx) as usize;
+    }
     Ok(m)
 }
 

@@ -28,6 +28,7 @@
 //    values, f16 K and V and an f32 query, in f32.
 #include "logquant-attn.cuh"
 #include "lq2.cuh"
+#include "fattn.cuh"
 
 #include "ggml-cpu/logquant-attn.h"
 
@@ -1271,6 +1272,148 @@ static void lq_attn_dispatch_qt(ggml_backend_cuda_context & ctx, lq_attn_params 
     }
 }
 
+// Prefill: many queries per stream. The kernel above takes them in tiles of 8 (N of the
+// tensor-core products), and every tile reads all of the store again and scores it on
+// integer products 8 columns wide: at 64 queries of a sequence and a GQA of 4 that is 32
+// passes over the store per KV head. Here the streams' store is dequantized to f16 once,
+// the overlay's rows are laid over the cells they hold (the same values the two tiers
+// give: a held cell reads its f16 row, any other its store entry), and ggml's own
+// flash attention (wide tensor-core tiles) runs over the result, with the same mask,
+// scale, ALiBi and softcap. The f16 copy lives in the CUDA pool for the op's duration:
+// streams go through it in groups of at most LQ_DENSE_SCRATCH bytes (one stream at
+// least: 2 x 16 MiB per 1024 cells at 8 KV heads of 128).
+#define LQ_DENSE_SCRATCH (size_t(256) << 20)
+
+// Queries per KV head (GQA x tokens per stream) from which the op runs the dense path;
+// LOGQUANT_CUDA_DENSE_MIN=N to measure another (0: never; read at each launch, as the
+// tests switch it between cases).
+#define LQ_DENSE_MIN_QUERIES 64
+
+static int lq_dense_min_queries() {
+    const char * env = getenv("LOGQUANT_CUDA_DENSE_MIN");
+    return env != nullptr && *env != '\0' ? atoi(env) : LQ_DENSE_MIN_QUERIES;
+}
+
+// Store (lq2) [D, n_kv, H, streams] -> f16 [streams][H][n_kv][D], K (blockIdx.z = 0) and V
+// (1): a warp per block of 64 values, 2 values per lane (value = m + d*code).
+static __global__ void lq_dense_dequantize(const char * __restrict__ k, const int64_t k_nb1, const int64_t k_nb2,
+        const int64_t k_nb3, const char * __restrict__ v, const int64_t v_nb1, const int64_t v_nb2, const int64_t v_nb3,
+        half * __restrict__ k16, half * __restrict__ v16, const int D, const int n_kv, const int H) {
+    const int nb   = D/QK_LQ2;
+    const int64_t w = ((int64_t) blockIdx.x*blockDim.x + threadIdx.x)/WARP_SIZE; // block of 64 in (h, cell, b) order
+    const int lane = threadIdx.x % WARP_SIZE;
+    if (w >= (int64_t) H*n_kv*nb) {
+        return;
+    }
+    const int b    = (int) (w % nb);
+    const int cell = (int) ((w / nb) % n_kv);
+    const int h    = (int) (w / ((int64_t) nb*n_kv));
+    const int z    = blockIdx.y;
+    const bool is_v = blockIdx.z == 1;
+    const char * src = is_v ? v + z*v_nb3 + h*v_nb2 + cell*v_nb1 : k + z*k_nb3 + h*k_nb2 + cell*k_nb1;
+    const block_lq2 * x = (const block_lq2 *) src + b;
+    const float d = __half2float(__ushort_as_half(x->d)); // (ggml_fp16_t: the bits of a half)
+    const float m = __half2float(__ushort_as_half(x->m));
+    const uint8_t q = x->qs[lane/2] >> (4*(lane % 2)); // values 2*lane, 2*lane + 1
+    const half2 y = __floats2half2_rn(fmaf(d, (float) (q & 3), m), fmaf(d, (float) ((q >> 2) & 3), m));
+    half * out = (is_v ? v16 : k16) + (((int64_t) z*H + h)*n_kv + cell)*D + b*QK_LQ2;
+    ((half2 *) out)[lane] = y;
+}
+
+// The overlay's rows over the cells they hold: block (slot, stream).
+static __global__ void lq_dense_overlay(const char * __restrict__ kov, const char * __restrict__ vov, const int64_t ov_nb1,
+        const int32_t * __restrict__ s2c, const int n_slots, const int z0, half * __restrict__ k16, half * __restrict__ v16,
+        const int D, const int n_kv, const int H) {
+    const int slot = blockIdx.x;
+    const int z    = blockIdx.y;
+    const int row  = (z0 + z)*n_slots + slot;
+    const int cell = s2c[row];
+    if (cell < 0 || cell >= n_kv) {
+        return;
+    }
+    const half * kr = (const half *) (kov + row*ov_nb1);
+    const half * vr = (const half *) (vov + row*ov_nb1);
+    for (int e = threadIdx.x; e < D*H; e += blockDim.x) {
+        const int64_t at = (((int64_t) z*H + e/D)*n_kv + cell)*D + e % D;
+        k16[at] = kr[e];
+        v16[at] = vr[e];
+    }
+}
+
+// A tensor that describes memory the op owns for a moment (never allocated by ggml).
+static ggml_tensor lq_dense_tensor(ggml_type type, void * data, const int64_t ne0, const int64_t ne1, const int64_t ne2,
+                                   const int64_t ne3) {
+    ggml_tensor t = {};
+    t.type  = type;
+    t.data  = data;
+    t.ne[0] = ne0; t.ne[1] = ne1; t.ne[2] = ne2; t.ne[3] = ne3;
+    t.nb[0] = ggml_type_size(type);
+    for (int i = 1; i < GGML_MAX_DIMS; ++i) {
+        t.nb[i] = t.nb[i - 1]*t.ne[i - 1];
+    }
+    return t;
+}
+
+// The dense path for `dst` (P as lq_attn built it); false, having launched nothing,
+// where flash attention does not take this shape.
+static bool lq_attn_dense(ggml_backend_cuda_context & ctx, ggml_tensor * dst, const lq_attn_params & P,
+                          const logquant_attn_layer * layer) {
+    const ggml_tensor * q    = dst->src[0];
+    const ggml_tensor * mask = dst->src[3];
+    const int     D        = (int) dst->src[1]->ne[0];
+    const int     n_stream = (int) q->ne[3];
+    const int64_t per_stream = (int64_t) P.n_kv*P.n_head_kv*D; // values of K (and of V) per stream
+    const int group = (int) std::max<int64_t>(1, std::min<int64_t>(n_stream, LQ_DENSE_SCRATCH/(2*per_stream*sizeof(half))));
+
+    ggml_tensor fa = {};
+    fa.op   = GGML_OP_FLASH_ATTN_EXT;
+    fa.type = GGML_TYPE_F32;
+    const float params[3] = { layer->scale, layer->max_bias, layer->logit_softcap };
+    memcpy(fa.op_params, params, sizeof(params)); // then precision 0 (default), no sparse gather
+    ggml_tensor tq = *q, tm = *mask;
+    ggml_tensor tk = lq_dense_tensor(GGML_TYPE_F16, nullptr, D, P.n_kv, P.n_head_kv, group);
+    ggml_tensor tv = tk;
+    fa.src[0] = &tq; fa.src[1] = &tk; fa.src[2] = &tv; fa.src[3] = &tm;
+    auto describe = [&](const int z0, const int ns, half * k16) {
+        tq.data = (char *) q->data + z0*q->nb[3]; tq.ne[3] = ns;
+        if (mask->ne[3] > 1) {
+            tm.data = (char *) mask->data + z0*mask->nb[3]; tm.ne[3] = ns;
+        }
+        tk = lq_dense_tensor(GGML_TYPE_F16, k16, D, P.n_kv, P.n_head_kv, ns);
+        tv = lq_dense_tensor(GGML_TYPE_F16, k16 + ns*per_stream, D, P.n_kv, P.n_head_kv, ns);
+        for (int i = 0; i < GGML_MAX_DIMS; ++i) {
+            fa.ne[i] = dst->ne[i];
+            fa.nb[i] = dst->nb[i];
+        }
+        fa.ne[3] = ns;
+        fa.data  = (char *) dst->data + z0*dst->nb[3];
+    };
+    describe(0, group, nullptr);
+    if (!ggml_cuda_flash_attn_ext_supported(ggml_cuda_get_device(), &fa)) {
+        return false;
+    }
+
+    ggml_cuda_pool_alloc<half> scratch(ctx.pool(), 2*group*per_stream);
+    cudaStream_t stream = ctx.stream();
+    for (int z0 = 0; z0 < n_stream; z0 += group) {
+        const int ns = std::min(group, n_stream - z0);
+        half * k16 = scratch.get();
+        half * v16 = k16 + ns*per_stream;
+        const int64_t warps = (int64_t) P.n_head_kv*P.n_kv*(D/QK_LQ2);
+        const dim3 grid_d((unsigned) ((warps + 7)/8), ns, 2);
+        lq_dense_dequantize<<<grid_d, 8*WARP_SIZE, 0, stream>>>(P.k + z0*P.k_nb3, P.k_nb1, P.k_nb2, P.k_nb3,
+            P.v + z0*P.v_nb3, P.v_nb1, P.v_nb2, P.v_nb3, k16, v16, D, P.n_kv, P.n_head_kv);
+        if (P.n_slots > 0) {
+            lq_dense_overlay<<<dim3(P.n_slots, ns), 256, 0, stream>>>(P.kov, P.vov, P.ov_nb1, P.s2c, P.n_slots, z0,
+                k16, v16, D, P.n_kv, P.n_head_kv);
+        }
+        CUDA_CHECK(cudaGetLastError());
+        describe(z0, ns, k16);
+        ggml_cuda_flash_attn_ext(ctx, &fa);
+    }
+    return true;
+}
+
 static void lq_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const ggml_tensor * q    = dst->src[0];
     const ggml_tensor * k    = dst->src[1];
@@ -1320,6 +1463,10 @@ static void lq_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     }
     P.n_qtiles = (GN + QT - 1) / QT;
 
+    const int dense_min = lq_dense_min_queries();
+    if (P.kbc == nullptr && dense_min > 0 && GN >= dense_min && lq_attn_dense(ctx, dst, P, layer)) {
+        return;
+    }
 
     float * out = (float *) dst->data;
     switch (D) {

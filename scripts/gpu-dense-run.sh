@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device call (BENCHMARKS.md, "The two-tier prefill on the GPU"): prefill from empty
+# with the tiled kernel and the dense path, then the serving load, f16 and logquant.
+#   STAGE=bench|serve  GEN=64  on the device, with target/dev/logquant.xz carried
+set -uo pipefail
+export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+mkdir -p target/run /tmp/res
+[ -x target/run/lq ] && [ target/run/lq -nt target/dev/logquant.xz ] || { xz -d < target/dev/logquant.xz > target/run/lq && chmod +x target/run/lq; }
+M=/tmp/m.gguf
+[ -f $M ] || target/run/lq synth --shape llama3-8b --weights q4_0 -o $M > /dev/null
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee /tmp/res/gpu.txt
+case "${STAGE:-bench}" in
+diag)
+  E="target/run/lq eval -m $M -f README.md --tokens 1024 --step 64 --ngl 99"
+  LOGQUANT_CUDA_DENSE_CHECK=1 $E --kv logquant > /tmp/res/diag-check.txt 2> /tmp/res/diag-check.log
+  grep "lq dense" /tmp/res/diag-check.log | awk '!seen[$0]++' | head -30; tail -1 /tmp/res/diag-check.txt
+  grep -c "lq dense" /tmp/res/diag-check.log
+  LLAMA_ATTN_ROT_DISABLE=1 $E --kv logquant,logquant:center=none 2>/dev/null | tail -2
+  $E --kv logquant:center=none 2>/dev/null | tail -1
+  ;;
+bench|all)
+  # the prefill path against f16 on the same tokens: every token kept (D above the
+  # tokens, no rotation) is f16's values, so its KLD is arithmetic alone; then D=384
+  E="target/run/lq eval -m $M -f README.md --tokens 1024 --step 64 --ngl 99"
+  for mode in dense tiled; do
+    min=$([ $mode = dense ] && echo 64 || echo 0)
+    LLAMA_ATTN_ROT_DISABLE=1 LOGQUANT_CUDA_DENSE_MIN=$min $E --kv logquant:D=1100 2>/dev/null | tail -1 | tee /tmp/res/eval-keepall-$mode.txt
+    LOGQUANT_CUDA_DENSE_MIN=$min $E --kv logquant,q4_0 2>/dev/null | tail -2 | tee /tmp/res/eval-$mode.txt
+  done
+  B="target/run/lq bench -m $M --ngl 99 --depth 512 --batch 1 --gen 8 --reps 2 --prefill 512"
+  $B --kv f16,logquant,logquant:ub=512 --json /tmp/res/prefill-dense.json 2>/dev/null | tee /tmp/res/prefill-dense.txt
+  LOGQUANT_CUDA_DENSE_MIN=0 $B --kv logquant,logquant:ub=512 --json /tmp/res/prefill-tiled.json 2>/dev/null | tee /tmp/res/prefill-tiled.txt
+  ;;&
+serve|all)
+  BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res BUDGET=60GiB CTX=16384 CLIENTS=128 REQUESTS=128 \
+    WORDS=${WORDS:-800} GEN=${GEN:-64} EACH=${EACH:-150} KVS="${KVS:-f16 logquant}" scripts/benchmarks-cuda.sh serve
+  for f in /tmp/res/serve/*.txt; do tail -1 "$f"; done
+  ;;
+esac
+tar -C /tmp/res -czf "$OUT/results-${STAGE:-bench}-${GEN:-64}.tgz" .
