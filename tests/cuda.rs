@@ -242,6 +242,33 @@ fn keys_by_channel_on_cuda_equal_the_cpu() {
     eprintln!("{cases} keys-by-channel cases");
 }
 
+/// Prefill shapes (many queries per stream), where the op dequantizes the store to f16,
+/// lays the overlay over it and runs llama.cpp's flash attention: each case on that path
+/// (LOGQUANT_CUDA_DENSE_MIN=1) and on the tiled kernel (=0), both against the CPU.
+#[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
+fn prefill_shapes_on_cuda_equal_the_cpu() {
+    let mut cases = 0;
+    for (i, &(d, n_head_kv, gqa, n_tokens)) in
+        [(64usize, 1usize, 1usize, 64usize), (128, 2, 4, 64), (128, 8, 4, 16), (256, 1, 2, 40), (64, 4, 8, 128)]
+            .iter()
+            .enumerate()
+    {
+        for (l, &frac) in [0.0f32, 0.3, 1.0].iter().enumerate() {
+            let pick = i * 3 + l;
+            let n_kv = [300usize, 2048, 5000][pick % 3];
+            let p = problem(pick as u64 * 6700417 + 9, d, n_head_kv * gqa, n_head_kv, n_tokens, n_kv, frac);
+            for dense in ["1", "0"] {
+                std::env::set_var("LOGQUANT_CUDA_DENSE_MIN", dense);
+                p.assert_cuda_matches_cpu(1e-2);
+            }
+            std::env::remove_var("LOGQUANT_CUDA_DENSE_MIN");
+            cases += 1;
+        }
+    }
+    eprintln!("{cases} prefill cases");
+}
+
 /// The decode shapes of grouped-query models with 4 or 8 KV heads (Llama 3 8B: 8 of 128),
 /// with one and two queries per head: the shapes where the kernel can give a block 4 KV
 /// heads and stage their rows together; each case runs with and without that layout
