@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# One device call (BENCHMARKS.md, "The two-tier prefill on the GPU"): prefill from empty
-# with the tiled kernel and the dense path, then the serving load, f16 and logquant.
-#   STAGE=bench|serve  GEN=64  on the device, with target/dev/logquant.xz carried
+# One device call (BENCHMARKS.md, "The two-tier prefill on the GPU"): the CUDA tests,
+# prefill from empty with the tiled kernel and the dense path, then serving loads, f16
+# and logquant.
+#   STAGE=tests|bench|serve|all  LOADS="800:64 200:512" (prompt words:generated tokens)
+# on the device, with target/dev/both.tar.xz carried (the stripped logquant binary `lq`
+# and the CUDA test binary `cuda-tests`, one xz stream: they share most of their bytes).
 set -uo pipefail
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 mkdir -p target/run /tmp/res
-[ -x target/run/lq ] && [ target/run/lq -nt target/dev/logquant.xz ] || { xz -d < target/dev/logquant.xz > target/run/lq && chmod +x target/run/lq; }
+[ -x target/run/lq ] && [ target/run/lq -nt target/dev/both.tar.xz ] || xz -d < target/dev/both.tar.xz | tar -C target/run -xf -
 M=/tmp/m.gguf
 [ -f $M ] || target/run/lq synth --shape llama3-8b --weights q4_0 -o $M > /dev/null
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee /tmp/res/gpu.txt
 case "${STAGE:-bench}" in
+tests|all)
+  target/run/cuda-tests --test-threads 1 2>&1 | tail -25 | tee /tmp/res/cuda-tests.txt
+  ;;&
 diag)
   E="target/run/lq eval -m $M -f README.md --tokens 1024 --step 64 --ngl 99"
   LOGQUANT_CUDA_DENSE_CHECK=1 $E --kv logquant > /tmp/res/diag-check.txt 2> /tmp/res/diag-check.log
@@ -28,13 +34,17 @@ bench|all)
     LOGQUANT_CUDA_DENSE_MIN=$min $E --kv logquant,q4_0 2>/dev/null | tail -2 | tee /tmp/res/eval-$mode.txt
   done
   B="target/run/lq bench -m $M --ngl 99 --depth 512 --batch 1 --gen 8 --reps 2 --prefill 512"
-  $B --kv f16,logquant,logquant:ub=512 --json /tmp/res/prefill-dense.json 2>/dev/null | tee /tmp/res/prefill-dense.txt
-  LOGQUANT_CUDA_DENSE_MIN=0 $B --kv logquant,logquant:ub=512 --json /tmp/res/prefill-tiled.json 2>/dev/null | tee /tmp/res/prefill-tiled.txt
+  $B --kv f16,logquant --json /tmp/res/prefill-dense.json 2>/dev/null | tee /tmp/res/prefill-dense.txt
+  LOGQUANT_CUDA_DENSE_MIN=0 $B --kv logquant --json /tmp/res/prefill-tiled.json 2>/dev/null | tee /tmp/res/prefill-tiled.txt
   ;;&
 serve|all)
-  BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res BUDGET=60GiB CTX=16384 CLIENTS=128 REQUESTS=128 \
-    WORDS=${WORDS:-800} GEN=${GEN:-64} EACH=${EACH:-150} KVS="${KVS:-f16 logquant}" scripts/benchmarks-cuda.sh serve
-  for f in /tmp/res/serve/*.txt; do tail -1 "$f"; done
+  for load in ${LOADS:-800:64 200:512}; do
+    mkdir -p /tmp/res/w${load%:*}-g${load#*:}
+    BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=128 \
+      REQUESTS=128 WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS="${KVS:-f16 logquant}" scripts/benchmarks-cuda.sh serve
+    for f in /tmp/res/w${load%:*}-g${load#*:}/serve/*.txt; do tail -1 "$f"; done
+    grep -h "engine seconds" /tmp/res/w${load%:*}-g${load#*:}/serve/*-load.log
+  done
   ;;
 esac
-tar -C /tmp/res -czf "$OUT/results-${STAGE:-bench}-${GEN:-64}.tgz" .
+tar -C /tmp/res -czf "$OUT/results-${STAGE:-bench}.tgz" .
