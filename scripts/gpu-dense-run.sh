@@ -9,12 +9,16 @@ set -uo pipefail
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 mkdir -p target/run /tmp/res
 [ -x target/run/lq ] && [ target/run/lq -nt target/dev/both.tar.xz ] || xz -d < target/dev/both.tar.xz | tar -C target/run -xf -
+# results go back packed after every stage, so a run stopped at its time limit returns
+# what it finished
+pack() { tar -C /tmp/res -czf "$OUT/results-${STAGE:-bench}.tgz" .; }
 M=/tmp/m.gguf
 [ -f $M ] || target/run/lq synth --shape llama3-8b --weights q4_0 -o $M > /dev/null
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee /tmp/res/gpu.txt
 case "${STAGE:-bench}" in
 tests|all)
   target/run/cuda-tests --test-threads 1 2>&1 | tail -25 | tee /tmp/res/cuda-tests.txt
+  pack
   ;;&
 diag)
   E="target/run/lq eval -m $M -f README.md --tokens 1024 --step 64 --ngl 99"
@@ -44,7 +48,8 @@ serve|all)
       REQUESTS=128 WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS="${KVS:-f16 logquant}" scripts/benchmarks-cuda.sh serve
     for f in /tmp/res/w${load%:*}-g${load#*:}/serve/*.txt; do tail -1 "$f"; done
     grep -h "engine seconds" /tmp/res/w${load%:*}-g${load#*:}/serve/*-load.log
+    pack
   done
   ;;
 esac
-tar -C /tmp/res -czf "$OUT/results-${STAGE:-bench}.tgz" .
+pack

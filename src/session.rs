@@ -32,9 +32,9 @@ pub struct Session<'m> {
 }
 
 /// Where [`Session::decode`]'s wall time goes, summed over calls: llama.cpp's
-/// `llama_decode`, and the retention policy pushed into the cache after it. On a GPU
-/// `llama_decode` may return before the GPU is done; the wait then shows up in
-/// whatever next needs its results (the policy, or reading the logits).
+/// `llama_decode` until the backend has finished the batch (on a GPU it returns
+/// earlier; the wait is counted here, not in whatever next reads the results), and the
+/// retention policy pushed into the cache after it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DecodeTimes {
     pub llama_decode: Duration,
@@ -115,6 +115,9 @@ impl<'m> Session<'m> {
         }
         let t = Instant::now();
         let decoded = self.ctx.decode(batch);
+        // Logits and the policy's cache writes wait for the backend anyway: waiting
+        // here costs nothing and puts the GPU's time where it belongs.
+        self.ctx.synchronize();
         self.times.llama_decode += t.elapsed();
         decoded?;
         let t = Instant::now();

@@ -11,6 +11,8 @@ use logquant::gguf::synth::{write_synthetic_llama, SynthSpec};
 pub fn tiny_model() -> PathBuf {
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-llama-f32.gguf");
     if !path.exists() {
+        // cargo makes the folder at build time; a test binary carried elsewhere makes it
+        std::fs::create_dir_all(path.parent().unwrap()).expect("make the scratch folder");
         // The writer renames a finished temporary file into place: concurrent test
         // processes may both write, and each rename leaves a whole, identical file.
         write_synthetic_llama(&path, &SynthSpec::tiny()).expect("write the synthetic model");

@@ -1340,6 +1340,33 @@ static __global__ void lq_dense_overlay(const char * __restrict__ kov, const cha
     }
 }
 
+// Rows whose mask hides every cell: the op's result there is 0 (as the CPU's, and
+// llama.cpp's CPU flash attention), where the CUDA flash attention divides 0 by 0. No
+// real batch has one (a token sees its own cell), but the op is defined for it. Block
+// (token, stream), one warp: each mask row it reads, then the heads that use the row.
+static __global__ void lq_dense_zero_hidden_rows(const char * __restrict__ mask, const int64_t m_nb1,
+        const int64_t m_nb2, const int64_t m_nb3, const int m_ne2, const int m_ne3, char * __restrict__ dst,
+        const int64_t d_nb1, const int64_t d_nb2, const int64_t d_nb3, const int n_kv, const int n_head, const int D) {
+    const int t = blockIdx.x;
+    const int z = blockIdx.y;
+    for (int mh = 0; mh < m_ne2; ++mh) {
+        const half * row = (const half *) (mask + t*m_nb1 + mh*m_nb2 + (z % m_ne3)*m_nb3);
+        bool seen = false;
+        for (int c = threadIdx.x; c < n_kv && !seen; c += WARP_SIZE) {
+            seen = __half2float(row[c]) > -INFINITY;
+        }
+        if (__any_sync(0xffffffff, seen)) {
+            continue;
+        }
+        for (int h = mh; h < n_head; h += m_ne2) {
+            float * out = (float *) (dst + h*d_nb1 + t*d_nb2 + z*d_nb3);
+            for (int e = threadIdx.x; e < D; e += WARP_SIZE) {
+                out[e] = 0.0f;
+            }
+        }
+    }
+}
+
 // A tensor that describes memory the op owns for a moment (never allocated by ggml).
 static ggml_tensor lq_dense_tensor(ggml_type type, void * data, const int64_t ne0, const int64_t ne1, const int64_t ne2,
                                    const int64_t ne3) {
@@ -1411,6 +1438,9 @@ static bool lq_attn_dense(ggml_backend_cuda_context & ctx, ggml_tensor * dst, co
         describe(z0, ns, k16);
         ggml_cuda_flash_attn_ext(ctx, &fa);
     }
+    lq_dense_zero_hidden_rows<<<dim3(P.N, n_stream), WARP_SIZE, 0, stream>>>(P.mask, P.m_nb1, P.m_nb2, P.m_nb3,
+        P.m_ne2, P.m_ne3, (char *) dst->data, dst->nb[1], dst->nb[2], dst->nb[3], P.n_kv, P.n_head, D);
+    CUDA_CHECK(cudaGetLastError());
     return true;
 }
 
