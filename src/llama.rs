@@ -873,7 +873,14 @@ pub struct SamplerParams {
 
 pub struct Sampler {
     ptr: NonNull<ffi::llama_sampler>,
+    greedy: bool,
+    /// The candidates (every token with its logit) the chain works on, kept between calls.
+    candidates: Vec<ffi::llama_token_data>,
 }
+
+// A sampler chain is an object of its own (its state: the dist sampler's generator),
+// touched only through &mut self: it may move to another thread.
+unsafe impl Send for Sampler {}
 
 impl Sampler {
     pub fn new(p: &SamplerParams) -> Sampler {
@@ -891,15 +898,62 @@ impl Sampler {
                 ffi::llama_sampler_chain_add(chain, ffi::llama_sampler_init_temp(p.temperature));
                 ffi::llama_sampler_chain_add(chain, ffi::llama_sampler_init_dist(p.seed));
             }
-            Sampler { ptr: NonNull::new(chain).expect("llama_sampler_chain_init returned NULL") }
+            Sampler {
+                ptr: NonNull::new(chain).expect("llama_sampler_chain_init returned NULL"),
+                greedy: p.temperature <= 0.0,
+                candidates: Vec::new(),
+            }
         }
     }
 
     /// Samples from the logits of batch position `i` of the last decode, and accepts it.
     pub fn sample(&mut self, ctx: &mut Context, i: usize) -> Result<Token, LlamaError> {
+        let logits = ctx.logits(i)?;
+        self.sample_logits(logits)
+    }
+
+    /// The same through llama.cpp's own entry point, `llama_sampler_sample`, which reads
+    /// the context (tests hold [`Sampler::sample_logits`] to it).
+    pub fn sample_through_llama(&mut self, ctx: &mut Context, i: usize) -> Result<Token, LlamaError> {
         ctx.check_output(i)?;
-        let t = unsafe { ffi::llama_sampler_sample(self.ptr.as_ptr(), ctx.ptr.as_ptr(), i as i32) };
-        Ok(t)
+        Ok(unsafe { ffi::llama_sampler_sample(self.ptr.as_ptr(), ctx.ptr.as_ptr(), i as i32) })
+    }
+
+    /// Samples from one row of logits (every token's) and accepts the token: the steps
+    /// of llama.cpp's `llama_sampler_sample` without the context, so that a server can
+    /// sample its sequences on several threads. Greedy takes the first largest logit,
+    /// as llama.cpp's greedy sampler does, without building the candidates.
+    pub fn sample_logits(&mut self, logits: &[f32]) -> Result<Token, LlamaError> {
+        let token = if self.greedy {
+            let mut best = 0;
+            for (i, &l) in logits.iter().enumerate().skip(1) {
+                if l > logits[best] {
+                    best = i;
+                }
+            }
+            best as Token
+        } else {
+            self.candidates.clear();
+            self.candidates.extend(logits.iter().enumerate().map(|(i, &logit)| ffi::llama_token_data {
+                id: i as Token,
+                logit,
+                p: 0.0,
+            }));
+            let mut cur = ffi::llama_token_data_array {
+                data: self.candidates.as_mut_ptr(),
+                size: self.candidates.len(),
+                selected: -1,
+                sorted: false,
+            };
+            unsafe { ffi::llama_sampler_apply(self.ptr.as_ptr(), &mut cur) };
+            if cur.selected < 0 || cur.selected as usize >= cur.size {
+                return Err(LlamaError::InvalidArgument("the sampler chain selected no token".into()));
+            }
+            // The chain may have sorted or shrunk the candidates in place.
+            unsafe { (*cur.data.add(cur.selected as usize)).id }
+        };
+        unsafe { ffi::llama_sampler_accept(self.ptr.as_ptr(), token) };
+        Ok(token)
     }
 }
 

@@ -7,7 +7,7 @@ use logquant::engine::{self, ContextConfig};
 use logquant::generate::{generate, GenerateParams};
 use logquant::gguf::{GgufFile, KvCacheParams, KvCacheType, ModelInfo};
 use logquant::kvconfig::KvConfig;
-use logquant::llama::{ModelParams, SamplerParams};
+use logquant::llama::{Batch, ModelParams, Sampler, SamplerParams};
 
 fn greedy(n: usize) -> GenerateParams {
     GenerateParams { n_predict: n, sampler: SamplerParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 } }
@@ -49,6 +49,45 @@ fn greedy_generation_is_deterministic() {
     let a = run();
     assert!(!a.is_empty());
     assert_eq!(a, run());
+}
+
+/// The server samples from logits rows on threads of its own (Sampler::sample_logits);
+/// every sampler chain it builds must pick what llama.cpp's llama_sampler_sample picks
+/// from the same context, step after step (the dist sampler's generator included).
+#[test]
+fn sampling_from_logits_equals_llama_cpps_sampler() {
+    let loaded = engine::load_model(&common::tiny_model(), &ModelParams::default()).unwrap();
+    let prompt = loaded.model.tokenize("the sampler picks one token from every row of these logits", true).unwrap();
+    let mut ctx = loaded.new_context(&ContextConfig::new(256)).unwrap();
+    let mut batch = Batch::new(prompt.len()).unwrap();
+    for (p, &t) in prompt.iter().enumerate() {
+        batch.add(t, p as i32, 0, true).unwrap();
+    }
+    ctx.decode(&batch).unwrap();
+    let params = [
+        SamplerParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 },
+        SamplerParams { temperature: 0.8, top_k: 40, top_p: 0.9, seed: 7 },
+        SamplerParams { temperature: 1.5, top_k: 0, top_p: 1.0, seed: 3 },
+        SamplerParams { temperature: 0.3, top_k: 2, top_p: 0.5, seed: 11 },
+    ];
+    for p in &params {
+        let (mut ours, mut theirs) = (Sampler::new(p), Sampler::new(p));
+        let mut picked = Vec::new();
+        for round in 0..3 {
+            for row in 0..prompt.len() {
+                let want = theirs.sample_through_llama(&mut ctx, row).unwrap();
+                let got = ours.sample_logits(ctx.logits(row).unwrap()).unwrap();
+                assert_eq!(got, want, "{p:?}: round {round}, row {row}");
+                picked.push(got);
+            }
+        }
+        if p.temperature > 1.0 {
+            // a test that compares constants would pass with a broken generator
+            picked.sort_unstable();
+            picked.dedup();
+            assert!(picked.len() > 3, "{p:?} picked only {picked:?}");
+        }
+    }
 }
 
 #[test]
