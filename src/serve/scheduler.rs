@@ -12,7 +12,7 @@
 //! (prompt and max_tokens within the per-sequence context), so nothing here can
 //! overrun a sequence.
 
-use std::collections::VecDeque;
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
@@ -117,7 +117,9 @@ pub fn run(
             return;
         }
     };
-    let mut free: VecDeque<i32> = (0..layout.parallel as i32).collect();
+    // The lowest free id first: the running ids stay few runs of consecutive ids (see
+    // the batch's order below).
+    let mut free: BTreeSet<i32> = (0..layout.parallel as i32).collect();
     let mut slots: Vec<Slot> = Vec::new();
     let mut closed = false;
     let mut rate = 0.0f64;
@@ -146,7 +148,7 @@ pub fn run(
                 Metrics::add(&metrics.cancelled, 1);
                 continue;
             }
-            let seq = free.pop_front().expect("a free sequence");
+            let seq = free.pop_first().expect("a free sequence");
             let sampler = Sampler::new(&job.sampler);
             let text = AnswerText::new(job.stop.clone());
             slots.push(Slot { seq, job, prefilled: 0, next: None, generated: 0, sampler, text });
@@ -168,41 +170,60 @@ pub fn run(
             continue;
         }
 
-        // One step: generating sequences first, then prompt chunks in turn.
-        batch.clear();
-        let mut rows: Vec<(usize, usize)> = Vec::new(); // (slot, batch index with logits)
-        let mut prefill_tokens = 0usize;
+        // One step: generating sequences first, then prompt chunks in turn; each a
+        // (slot, first prompt token, tokens) part, None for a generated token.
+        let mut parts: Vec<(usize, Option<usize>, usize)> = Vec::new();
+        let mut taken = 0usize;
         for (i, s) in slots.iter().enumerate() {
-            if let Some(t) = s.next {
-                if batch.len() < capacity {
-                    rows.push((i, batch.len()));
-                    add(&mut batch, t, s.pos(), s.seq, true);
-                }
+            if s.next.is_some() && taken < capacity {
+                parts.push((i, None, 1));
+                taken += 1;
             }
         }
         // Slots are in admission order: the oldest requests get their first token first.
+        let mut prefill_tokens = 0usize;
         for (i, s) in slots.iter_mut().enumerate() {
             if s.next.is_some() || s.prefilled == s.job.prompt.len() {
                 continue;
             }
-            let room = capacity - batch.len();
             let take = (s.job.prompt.len() - s.prefilled).min(chunk - s.prefilled % chunk);
-            if take > room {
+            if take > capacity - taken {
                 continue; // next step: a chunk is never split by the load
             }
-            for j in 0..take {
-                let p = s.prefilled + j;
-                let last = p + 1 == s.job.prompt.len();
-                if last {
-                    rows.push((i, batch.len()));
-                }
-                add(&mut batch, s.job.prompt[p], p, s.seq, last);
-            }
+            parts.push((i, Some(s.prefilled), take));
             s.prefilled += take;
+            taken += take;
             prefill_tokens += take;
         }
-        if batch.is_empty() {
+        if parts.is_empty() {
             continue;
+        }
+        // Into the batch by sequence id: with a stream per sequence, llama.cpp splits a
+        // batch into micro-batches of consecutive sequence ids in batch order
+        // (llama_batch_allocr::split_equal, sequential), and every micro-batch reads all
+        // the weights again. In admission order the ids come shuffled once sequences are
+        // reused: 27 sequences took ~10 micro-batches a step (55 ms against 16 ms in order
+        // on an H100, docs/results/cuda/serve-run5/step-diag.txt).
+        parts.sort_unstable_by_key(|&(i, _, _)| slots[i].seq);
+        batch.clear();
+        let mut rows: Vec<(usize, usize)> = Vec::new(); // (slot, batch index with logits)
+        for (i, first, n) in parts {
+            let s = &slots[i];
+            match first {
+                None => {
+                    rows.push((i, batch.len()));
+                    add(&mut batch, s.next.expect("a generating slot"), s.pos(), s.seq, true);
+                }
+                Some(first) => {
+                    for p in first..first + n {
+                        let last = p + 1 == s.job.prompt.len();
+                        if last {
+                            rows.push((i, batch.len()));
+                        }
+                        add(&mut batch, s.job.prompt[p], p, s.seq, last);
+                    }
+                }
+            }
         }
         let t0 = Instant::now();
         let before = session.decode_times();
@@ -316,9 +337,11 @@ fn send_text(s: &Slot, text: String) {
 
 /// Forgets a sequence's tokens and returns it to the free list. A sequence that could
 /// not be cleared is not reused (its cells would leak into the next request).
-fn release(session: &mut Session<'_>, free: &mut VecDeque<i32>, seq: i32) {
+fn release(session: &mut Session<'_>, free: &mut BTreeSet<i32>, seq: i32) {
     match session.remove(seq, 0, -1) {
-        Ok(_) => free.push_back(seq),
+        Ok(_) => {
+            free.insert(seq);
+        }
         Err(e) => eprintln!("logquant serve: sequence {seq} could not be cleared and is retired: {e}"),
     }
 }
