@@ -20,14 +20,6 @@ tests|all)
   target/run/cuda-tests --test-threads 1 2>&1 | tail -25 | tee /tmp/res/cuda-tests.txt
   pack
   ;;&
-diag)
-  E="target/run/lq eval -m $M -f README.md --tokens 1024 --step 64 --ngl 99"
-  LOGQUANT_CUDA_DENSE_CHECK=1 $E --kv logquant > /tmp/res/diag-check.txt 2> /tmp/res/diag-check.log
-  grep "lq dense" /tmp/res/diag-check.log | awk '!seen[$0]++' | head -30; tail -1 /tmp/res/diag-check.txt
-  grep -c "lq dense" /tmp/res/diag-check.log
-  LLAMA_ATTN_ROT_DISABLE=1 $E --kv logquant,logquant:center=none 2>/dev/null | tail -2
-  $E --kv logquant:center=none 2>/dev/null | tail -1
-  ;;
 bench|all)
   # the prefill path against f16 on the same tokens: every token kept (D above the
   # tokens, no rotation) is f16's values, so its KLD is arithmetic alone; then D=384

@@ -197,12 +197,19 @@ impl LoadedModel {
     /// layer). 0 for a single-tier cache. llama.cpp's memory breakdown cannot see it, so
     /// the memory plan adds it for a cache on the GPU.
     pub fn dense_prefill_scratch(&self, cfg: &ContextConfig, n_ctx: u32) -> u64 {
+        // logquant-attn.cu's LQ_DENSE_SCRATCH and lq_attn_dense's grouping, mirrored
         const LQ_DENSE_SCRATCH: u64 = 256 << 20;
-        if cfg.kv.policy.is_none() {
+        // The dense path takes 2-bit keys held per token only (lq_attn: no keys by
+        // channel; an lq3 K store runs on the CPU).
+        if cfg.kv.policy.is_none() || cfg.kv.keys_by_channel || cfg.kv.k == KvCacheType::Lq3 {
             return 0;
         }
-        let widest = (0..self.info.n_layer as usize).map(|il| self.info.n_embd_k_gqa(il)).max().unwrap_or(0);
-        let per_seq = u64::from(n_ctx / cfg.n_seq.max(1));
+        let widest = (0..self.info.n_layer as usize)
+            .map(|il| self.info.n_embd_k_gqa(il).max(self.info.n_embd_v_gqa(il)))
+            .max()
+            .unwrap_or(0);
+        // a stream's cells, as llama.cpp rounds them (a multiple of 256)
+        let per_seq = u64::from(n_ctx / cfg.n_seq.max(1)).next_multiple_of(256);
         let one = 2 * per_seq * widest * 2; // K and V, f16
         let all = one * u64::from(cfg.n_seq.max(1));
         all.min(LQ_DENSE_SCRATCH).max(one)

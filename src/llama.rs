@@ -924,6 +924,9 @@ impl Sampler {
     /// sample its sequences on several threads. Greedy takes the first largest logit,
     /// as llama.cpp's greedy sampler does, without building the candidates.
     pub fn sample_logits(&mut self, logits: &[f32]) -> Result<Token, LlamaError> {
+        if logits.is_empty() {
+            return Err(LlamaError::InvalidArgument("no logits to sample from".into()));
+        }
         let token = if self.greedy {
             let mut best = 0;
             for (i, &l) in logits.iter().enumerate().skip(1) {

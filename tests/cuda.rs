@@ -22,9 +22,20 @@ use logquant::lq2;
 
 const GPU: &str = "CUDA0";
 
+/// Every test here holds this while it runs: some switch the op's paths through the
+/// environment (LOGQUANT_CUDA_*), which the op reads with C's getenv at each launch.
+/// Changing it while another test's op reads it is undefined behaviour, and would
+/// send that test's shapes down a path it does not mean to test.
+static GPU_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn hold_gpu() -> std::sync::MutexGuard<'static, ()> {
+    GPU_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
 fn lq2_quantization_on_cuda_equals_the_cpu_bit_for_bit() {
+    let _gpu = hold_gpu();
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let n_per_row = 1024; // Llama 3 8B's n_embd_k_gqa
     let mut x = Vec::new();
@@ -189,6 +200,7 @@ impl Problem {
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
 fn two_tier_attention_on_cuda_equals_the_cpu() {
+    let _gpu = hold_gpu();
     let mut worst = 0f32;
     let mut cases = 0;
     for (i, &d) in [64usize, 128, 256].iter().enumerate() {
@@ -217,6 +229,7 @@ fn two_tier_attention_on_cuda_equals_the_cpu() {
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
 fn keys_by_channel_on_cuda_equal_the_cpu() {
+    let _gpu = hold_gpu();
     let mut cases = 0;
     for (i, &d) in [64usize, 128, 256].iter().enumerate() {
         for (j, &(n_head_kv, gqa, n_tokens)) in
@@ -248,6 +261,7 @@ fn keys_by_channel_on_cuda_equal_the_cpu() {
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
 fn prefill_shapes_on_cuda_equal_the_cpu() {
+    let _gpu = hold_gpu();
     let mut cases = 0;
     for (i, &(d, n_head_kv, gqa, n_tokens)) in
         [(64usize, 1usize, 1usize, 64usize), (128, 2, 4, 64), (128, 8, 4, 16), (256, 1, 2, 40), (64, 4, 8, 128)]
@@ -266,7 +280,15 @@ fn prefill_shapes_on_cuda_equal_the_cpu() {
             cases += 1;
         }
     }
-    eprintln!("{cases} prefill cases");
+    // More queries than cells: the mask hides every cell from the first 30 rows, where
+    // the op's result is 0 (llama.cpp's CUDA flash attention alone would give NaN).
+    let p = problem(77, 128, 8, 2, 80, 50, 0.3);
+    for dense in ["1", "0"] {
+        std::env::set_var("LOGQUANT_CUDA_DENSE_MIN", dense);
+        p.assert_cuda_matches_cpu(1e-2);
+    }
+    std::env::remove_var("LOGQUANT_CUDA_DENSE_MIN");
+    eprintln!("{} prefill cases", cases + 1);
 }
 
 /// The decode shapes of grouped-query models with 4 or 8 KV heads (Llama 3 8B: 8 of 128),
@@ -276,6 +298,7 @@ fn prefill_shapes_on_cuda_equal_the_cpu() {
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
 fn grouped_heads_on_cuda_equal_the_cpu() {
+    let _gpu = hold_gpu();
     let mut cases = 0;
     for (i, &d) in [64usize, 128].iter().enumerate() {
         for (j, &n_head_kv) in [4usize, 8].iter().enumerate() {
@@ -352,6 +375,7 @@ fn run_n(model: &LoadedModel, kv: &str, n_seq: usize, wide: bool) -> Vec<Vec<f32
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
 fn a_model_on_cuda_matches_the_cpu_with_several_sequences() {
+    let _gpu = hold_gpu();
     let path = common::tiny_model();
     let cpu = engine::load_model(&path, &ModelParams { gpu_layers: 0, ..ModelParams::default() }).unwrap();
     let gpu = engine::load_model(&path, &ModelParams { gpu_layers: -1, ..ModelParams::default() }).unwrap();
@@ -393,6 +417,7 @@ fn a_model_on_cuda_matches_the_cpu_with_several_sequences() {
 #[test]
 #[ignore = "a measurement: run with --ignored on a machine with an NVIDIA GPU"]
 fn time_the_attention_kernel() {
+    let _gpu = hold_gpu();
     let d = 128;
     // (logquant_attn_run_on takes up to 2^28 store values: 8 sequences at 32768)
     // TIME_CASE=i runs case i alone (for a profiler)

@@ -4,9 +4,13 @@
 //! Each step builds one batch: one token for every sequence that is generating, then
 //! one prompt chunk of each sequence still prefilling, oldest request first (a long
 //! prompt takes one chunk per step, so it shares the steps with the others instead of
-//! stalling them), within the context's batch size. A prompt is split into the same chunks under any load, so at
-//! temperature 0 an answer equals the one the request gets alone. After the decode, every sequence whose last token produced logits
-//! samples its next token. Requests wait in the bounded channel until a sequence is
+//! stalling them), within the context's batch size. A prompt is split into the same
+//! chunks under any load, so on the CPU backend an answer at temperature 0 equals the
+//! one the request gets alone (tests/serve.rs). On a GPU it may not, in near ties:
+//! there the arithmetic depends on the micro-batch's shape (cuBLAS picks its matrix
+//! product by size, the two-tier op its prefill path by the tokens per sequence in
+//! the micro-batch). After the decode,
+//! every sequence whose last token produced logits samples its next token. Requests wait in the bounded channel until a sequence is
 //! free; a request whose client went away (its event receiver dropped) frees its
 //! sequence before the next step. Every request was checked by the HTTP layer first
 //! (prompt and max_tokens within the per-sequence context), so nothing here can
@@ -121,6 +125,7 @@ pub fn run(
     // the batch's order below).
     let mut free: BTreeSet<i32> = (0..layout.parallel as i32).collect();
     let mut slots: Vec<Slot> = Vec::new();
+    let sampling_threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(SAMPLING_THREADS);
     let mut closed = false;
     let mut rate = 0.0f64;
     loop {
@@ -258,7 +263,7 @@ pub fn run(
         let t_sample = Instant::now();
         let mut ended: Vec<usize> = Vec::new();
         let sampled = rows.len();
-        let tokens = sample_rows(&session, &mut slots, &rows);
+        let tokens = sample_rows(&session, &mut slots, &rows, sampling_threads);
         for ((i, _), token) in rows.into_iter().zip(tokens) {
             let s = &mut slots[i];
             let token = match token {
@@ -357,7 +362,12 @@ const SAMPLING_THREADS: usize = 8;
 /// the step's longest part on a GPU (146 sequences of a 128k vocabulary: ~80 ms
 /// against ~40 ms of decoding), so the rows are split over threads; every sampler sees
 /// only its own row, so the tokens do not depend on the split.
-fn sample_rows(session: &Session, slots: &mut [Slot], rows: &[(usize, usize)]) -> Vec<Result<Token, LlamaError>> {
+fn sample_rows(
+    session: &Session,
+    slots: &mut [Slot],
+    rows: &[(usize, usize)],
+    threads: usize,
+) -> Vec<Result<Token, LlamaError>> {
     let mut samplers: Vec<Option<&mut Sampler>> = slots.iter_mut().map(|s| Some(&mut s.sampler)).collect();
     let mut tokens: Vec<Option<Result<Token, LlamaError>>> = (0..rows.len()).map(|_| None).collect();
     // (index in rows, the slot's sampler, its logits)
@@ -372,7 +382,6 @@ fn sample_rows(session: &Session, slots: &mut [Slot], rows: &[(usize, usize)]) -
     let run = |chunk: &mut [(usize, &mut Sampler, &[f32])]| -> Vec<(usize, Result<Token, LlamaError>)> {
         chunk.iter_mut().map(|(k, sampler, logits)| (*k, sampler.sample_logits(logits))).collect()
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(SAMPLING_THREADS);
     let done = if jobs.len() < PARALLEL_SAMPLING_ROWS || threads < 2 {
         run(&mut jobs)
     } else {
