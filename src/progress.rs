@@ -66,6 +66,17 @@ impl Progress {
         }
     }
 
+    /// A line of its own (an intermediate result) on stderr, below the progress line.
+    pub fn note(&mut self, line: &str) {
+        if !self.enabled {
+            return;
+        }
+        if self.tty {
+            eprint!("\r\x1b[2K");
+        }
+        eprintln!("{line}");
+    }
+
     pub fn finish(&mut self) {
         if self.enabled && self.tty {
             eprintln!();

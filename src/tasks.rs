@@ -285,14 +285,18 @@ pub fn passkey_task(
                     correct += (first_five_digits(&String::from_utf8_lossy(&answer)) == Some(key)) as usize;
                     progress.advance(prompt.len());
                 }
-                cells.push(PasskeyCell {
+                let cell = PasskeyCell {
                     config: kv.to_string(),
                     context: len,
                     depth_percent: depth,
                     trials: opts.trials,
                     correct,
                     accuracy: 100.0 * correct as f64 / opts.trials as f64,
-                });
+                };
+                // each cell as it ends: a run of hours that is stopped keeps what it found
+                progress
+                    .note(&format!("passkey: {kv}, {len} tokens, key at {depth}%: {correct}/{} correct", opts.trials));
+                cells.push(cell);
             }
         }
     }
