@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crate::engine::{self, ContextConfig, EngineError, LoadedModel};
 use crate::gguf::info::LLAMA_MAX_SEQ;
-use crate::kvconfig::KvConfig;
+use crate::kvconfig::{Centering, KvConfig};
 use crate::llama::{self, FlashAttn, ModelParams};
 use crate::plan::{self, PlanOptions, GIB};
 
@@ -116,8 +116,19 @@ pub fn serve(opts: &ServeOptions, on_start: impl FnOnce(&Startup)) -> Result<(),
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(u64, u64), EngineError>>();
     let engine_model = loaded.clone();
     let engine_metrics = metrics.clone();
-    let layout =
-        scheduler::Layout { parallel: parallel as usize, ctx_per_seq: ctx_per_seq as usize, prefill_chunk: 512 };
+    // A cache that centers freezes a sequence's offsets after the decode that gives it
+    // LOGQUANT_CENTER_TOKENS tokens, requantizing on the host every token it holds by
+    // then: a first chunk of that many keeps that work to 16 tokens (not a whole
+    // 512-token chunk) and the offsets those of a prompt's first 16 tokens, as `eval`
+    // takes them.
+    let first_chunk =
+        if cfg.kv.policy.is_some() && cfg.kv.center != Centering::NONE { llama::CENTER_TOKENS as usize } else { 512 };
+    let layout = scheduler::Layout {
+        parallel: parallel as usize,
+        ctx_per_seq: ctx_per_seq as usize,
+        prefill_chunk: 512,
+        first_chunk,
+    };
     let engine_cfg = cfg.clone();
     let engine = std::thread::Builder::new()
         .name("logquant-engine".into())

@@ -93,6 +93,9 @@ pub struct Layout {
     pub ctx_per_seq: usize,
     /// Most prompt tokens of one sequence per step.
     pub prefill_chunk: usize,
+    /// Prompt tokens of a sequence's first step (at most prefill_chunk): its chunks are
+    /// [0, first), then prefill_chunk at a time.
+    pub first_chunk: usize,
 }
 
 /// Runs until `jobs` is closed and every admitted request has ended.
@@ -104,7 +107,7 @@ pub fn run(
     metrics: Arc<Metrics>,
 ) {
     let capacity = session.n_batch() as usize;
-    // Prompts are fed in chunks at fixed positions ([0, chunk), [chunk, 2 chunk), ...)
+    // Prompts are fed in chunks at fixed positions ([0, first), [first, first + chunk), ...)
     // whatever else the step carries: the two-tier cache's state after a prompt depends
     // on where its decode calls split it (the policy runs after each), and so, at
     // temperature 0, does the answer. A chunk fits beside one token of every other
@@ -114,6 +117,7 @@ pub fn run(
         .min(session.max_tokens_per_sequence())
         .min(capacity.saturating_sub(layout.parallel.saturating_sub(1)))
         .max(1);
+    let first = layout.first_chunk.clamp(1, chunk);
     let mut batch = match Batch::new(capacity) {
         Ok(b) => b,
         Err(e) => {
@@ -191,7 +195,7 @@ pub fn run(
             if s.next.is_some() || s.prefilled == s.job.prompt.len() {
                 continue;
             }
-            let take = (s.job.prompt.len() - s.prefilled).min(chunk - s.prefilled % chunk);
+            let take = next_chunk(s.prefilled, s.job.prompt.len(), first, chunk);
             if take > capacity - taken {
                 continue; // next step: a chunk is never split by the load
             }
@@ -395,4 +399,35 @@ fn sample_rows(
         tokens[k] = Some(t);
     }
     tokens.into_iter().map(|t| t.expect("every row sampled")).collect()
+}
+
+/// Prompt tokens of the next chunk of a prompt of `len` tokens with `prefilled` of
+/// them decoded: chunks are [0, first), then `chunk` at a time, whatever the load.
+fn next_chunk(prefilled: usize, len: usize, first: usize, chunk: usize) -> usize {
+    let to_boundary = if prefilled < first { first - prefilled } else { chunk - (prefilled - first) % chunk };
+    (len - prefilled).min(to_boundary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_chunk;
+
+    fn chunks(len: usize, first: usize, chunk: usize) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let n = next_chunk(done, len, first, chunk);
+            out.push(n);
+            done += n;
+        }
+        out
+    }
+
+    #[test]
+    fn prompts_split_at_fixed_positions() {
+        assert_eq!(chunks(1100, 16, 512), vec![16, 512, 512, 60]);
+        assert_eq!(chunks(10, 16, 512), vec![10]);
+        assert_eq!(chunks(1024, 512, 512), vec![512, 512]);
+        assert_eq!(chunks(5, 1, 2), vec![1, 2, 2]);
+    }
 }
