@@ -119,7 +119,7 @@ pub fn serve(opts: &ServeOptions, on_start: impl FnOnce(&Startup)) -> Result<(),
     // A cache that centers freezes a sequence's offsets after the decode that gives it
     // LOGQUANT_CENTER_TOKENS tokens, requantizing on the host every token it holds by
     // then: a first chunk of that many keeps that work to 16 tokens (not a whole
-    // 512-token chunk) and the offsets those of a prompt's first 16 tokens, as `eval`
+    // chunk of 64 or more) and the offsets those of a prompt's first 16 tokens, as `eval`
     // takes them.
     let first_chunk =
         if cfg.kv.policy.is_some() && cfg.kv.center != Centering::NONE { llama::CENTER_TOKENS as usize } else { 512 };
