@@ -441,6 +441,22 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
         pending[strm].clear(); // uncentered rows
     }
 
+    // The overlay rows of the held cells: slots [s0, s1). A stream hands out its slots in
+    // order from a fresh start, so after a sequence's first chunk these are about its
+    // tokens alone; moving every slot's row (D + a micro-batch of them, both ways, per
+    // layer) was most of a freeze on a GPU.
+    uint32_t s0 = n_slots, s1 = 0;
+    for (const uint32_t c : held) {
+        const int32_t slot = cell_to_slot[size_t(strm)*n_cells + c];
+        if (slot >= 0) {
+            s0 = std::min(s0, uint32_t(slot));
+            s1 = std::max(s1, uint32_t(slot) + 1);
+        }
+    }
+    if (s1 <= s0) {
+        s0 = s1 = 0;
+    }
+
     // One job per (layer, K or V): read on this thread, compute on all cores (the
     // requantization is ~100 ms of one core for 64 tokens of an 8B model), write here.
     struct job {
@@ -463,11 +479,12 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
                     ggml_get_type_traits_cpu(jb.store->type)->from_float != nullptr);
         // the held tokens' values: the f16 copy where the overlay has one, else the store's
         jb.store_rows.resize(size_t(n_range)*jb.store->nb[1]);
-        jb.ov_rows.resize(size_t(n_slots)*jb.store->ne[0]);
+        jb.ov_rows.resize(size_t(s1 - s0)*jb.store->ne[0]);
         ggml_backend_tensor_get(jb.store, jb.store_rows.data(), size_t(strm)*jb.store->nb[2] + size_t(c0)*jb.store->nb[1],
                                 jb.store_rows.size());
-        if (n_slots > 0) {
-            ggml_backend_tensor_get(jb.ov, jb.ov_rows.data(), size_t(strm)*rows*jb.ov->nb[1], jb.ov_rows.size()*sizeof(ggml_fp16_t));
+        if (s1 > s0) {
+            ggml_backend_tensor_get(jb.ov, jb.ov_rows.data(), (size_t(strm)*rows + s0)*jb.ov->nb[1],
+                                    jb.ov_rows.size()*sizeof(ggml_fp16_t));
         }
     }
     parallel_for(jobs.size(), [&](size_t ij) {
@@ -481,7 +498,7 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
             float * xi = x.data() + i*n_embd;
             const int32_t slot = cell_to_slot[size_t(strm)*n_cells + held[i]];
             if (slot >= 0) {
-                ggml_fp16_to_fp32_row(jb.ov_rows.data() + size_t(slot)*n_embd, xi, n_embd);
+                ggml_fp16_to_fp32_row(jb.ov_rows.data() + size_t(slot - s0)*n_embd, xi, n_embd);
             } else {
                 traits->to_float(jb.store_rows.data() + size_t(held[i] - c0)*nb1, xi, n_embd);
             }
@@ -512,15 +529,16 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
             cpu->from_float(xi, jb.store_rows.data() + size_t(held[i] - c0)*nb1, n_embd);
             const int32_t slot = cell_to_slot[size_t(strm)*n_cells + held[i]];
             if (slot >= 0) {
-                ggml_fp32_to_fp16_row(xi, jb.ov_rows.data() + size_t(slot)*n_embd, n_embd);
+                ggml_fp32_to_fp16_row(xi, jb.ov_rows.data() + size_t(slot - s0)*n_embd, n_embd);
             }
         }
     });
     for (auto & jb : jobs) {
         ggml_backend_tensor_set(jb.store, jb.store_rows.data(), size_t(strm)*jb.store->nb[2] + size_t(c0)*jb.store->nb[1],
                                 jb.store_rows.size());
-        if (n_slots > 0) {
-            ggml_backend_tensor_set(jb.ov, jb.ov_rows.data(), size_t(strm)*rows*jb.ov->nb[1], jb.ov_rows.size()*sizeof(ggml_fp16_t));
+        if (s1 > s0) {
+            ggml_backend_tensor_set(jb.ov, jb.ov_rows.data(), (size_t(strm)*rows + s0)*jb.ov->nb[1],
+                                    jb.ov_rows.size()*sizeof(ggml_fp16_t));
         }
         ggml_backend_tensor_set(jb.off, jb.mean.data(), size_t(strm)*jb.off->nb[1], jb.mean.size()*sizeof(float));
     }
