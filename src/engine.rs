@@ -190,18 +190,17 @@ impl LoadedModel {
         self.info.overlay_bytes(&params, slots, cfg.kv.center != Centering::NONE)
     }
 
-    /// GPU memory the two-tier cache's prefill path borrows from ggml's CUDA pool
-    /// (ggml-cuda/logquant-attn.cu, LQ_DENSE_SCRATCH): with many queries per sequence
-    /// the store of the micro-batch's sequences is dequantized to f16 for flash attention,
-    /// at most 256 MiB at a time but always one whole sequence (K and V of its widest
-    /// layer). 0 for a single-tier cache. llama.cpp's memory breakdown cannot see it, so
-    /// the memory plan adds it for a cache on the GPU.
+    /// GPU memory the two-tier cache's dense path borrows from ggml's CUDA pool
+    /// (ggml-cuda/logquant-attn.cu, LQ_DENSE_SCRATCH): with many queries per sequence, and
+    /// at every step for an lq3 K store, the store of the micro-batch's sequences is
+    /// dequantized to f16 for flash attention, at most 256 MiB at a time but always one
+    /// whole sequence (K and V of its widest layer). 0 for a single-tier cache.
+    /// llama.cpp's memory breakdown cannot see it, so the memory plan adds it for a cache
+    /// on the GPU.
     pub fn dense_prefill_scratch(&self, cfg: &ContextConfig, n_ctx: u32) -> u64 {
         // logquant-attn.cu's LQ_DENSE_SCRATCH and lq_attn_dense's grouping, mirrored
         const LQ_DENSE_SCRATCH: u64 = 256 << 20;
-        // The dense path takes 2-bit keys held per token only (lq_attn: no keys by
-        // channel; an lq3 K store runs on the CPU).
-        if cfg.kv.policy.is_none() || cfg.kv.keys_by_channel || cfg.kv.k == KvCacheType::Lq3 {
+        if cfg.kv.policy.is_none() {
             return 0;
         }
         let widest = (0..self.info.n_layer as usize)
@@ -304,10 +303,10 @@ pub fn check_lq2_placement(kv: KvConfig, on_gpu: bool) -> Result<(), EngineError
             "the single-tier {kv} cache has no GPU attention kernel (llama.cpp's flash attention would run on the CPU, copying the cache every step); use logquant:D=0 (every token 2-bit, through logquant's GPU kernels), or keep the cache on the CPU with --ngl 0"
         )));
     }
-    let lq2_store = kv.k == KvCacheType::Lq2 && kv.v == KvCacheType::Lq2;
-    if on_gpu && kv.policy.is_some() && !lq2_store {
+    let gpu_store = matches!(kv.k, KvCacheType::Lq2 | KvCacheType::Lq3) && kv.v == KvCacheType::Lq2;
+    if on_gpu && kv.policy.is_some() && !gpu_store {
         return Err(EngineError::Input(format!(
-            "the two-tier {kv} cache has a {}/{} store, and logquant's GPU kernels run an lq2 store only; keep the cache on the CPU with --ngl 0, or drop the k=/v= options",
+            "the two-tier {kv} cache has a {}/{} store, and logquant's GPU kernels run an lq2 or lq3 K store with an lq2 V store; keep the cache on the CPU with --ngl 0, or use k=lq2 or k=lq3 and drop v=",
             kv.k.name(),
             kv.v.name()
         )));

@@ -10,7 +10,7 @@
 //!
 //! Options of the two-tier cache follow the budget, separated by colons:
 //! `k=TYPE` / `v=TYPE` give the store's K / V type (default lq2; any of llama.cpp's
-//! types runs on the CPU, the CUDA kernel runs lq2), and `center=kv|k|v|none` centers
+//! types runs on the CPU, the CUDA op runs lq2 or lq3 K and lq2 V), and `center=kv|k|v|none` centers
 //! K and/or V per sequence before they are quantized (include/logquant.h,
 //! LOGQUANT_CENTER_K), `keys=channel` quantizes demoted keys by channel in groups of
 //! 64 tokens (KIVI; lq2 or lq3 K store, without the Hadamard rotation), and

@@ -18,7 +18,7 @@ use logquant::gguf::f32_to_f16_bits;
 use logquant::kvconfig::KvConfig;
 use logquant::llama::two_tier_kernel::{self, Case};
 use logquant::llama::{lq2_kernels, Batch, ModelParams};
-use logquant::lq2;
+use logquant::lq2::{self, Format};
 
 const GPU: &str = "CUDA0";
 
@@ -34,7 +34,7 @@ fn hold_gpu() -> std::sync::MutexGuard<'static, ()> {
 
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
-fn lq2_quantization_on_cuda_equals_the_cpu_bit_for_bit() {
+fn lq2_and_lq3_quantization_on_cuda_equals_the_cpu_bit_for_bit() {
     let _gpu = hold_gpu();
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let n_per_row = 1024; // Llama 3 8B's n_embd_k_gqa
@@ -49,19 +49,21 @@ fn lq2_quantization_on_cuda_equals_the_cpu_bit_for_bit() {
             });
         }
     }
-    let cpu = lq2_kernels::set_rows_on(&x, n_per_row, "CPU").unwrap();
-    let gpu = lq2_kernels::set_rows_on(&x, n_per_row, GPU).unwrap();
-    assert_eq!(cpu.len(), gpu.len());
-    let bb = lq2_kernels::block_bytes();
-    let differing: Vec<usize> =
-        (0..cpu.len() / bb).filter(|&b| cpu[b * bb..(b + 1) * bb] != gpu[b * bb..(b + 1) * bb]).collect();
-    assert!(
-        differing.is_empty(),
-        "{} of {} blocks differ, first {:?}",
-        differing.len(),
-        cpu.len() / bb,
-        &differing[..differing.len().min(8)]
-    );
+    for format in [Format::Lq2, Format::Lq3] {
+        let cpu = lq2_kernels::set_rows_as_on(format, &x, n_per_row, "CPU").unwrap();
+        let gpu = lq2_kernels::set_rows_as_on(format, &x, n_per_row, GPU).unwrap();
+        assert_eq!(cpu.len(), gpu.len());
+        let bb = lq2_kernels::block_bytes_of(format);
+        let differing: Vec<usize> =
+            (0..cpu.len() / bb).filter(|&b| cpu[b * bb..(b + 1) * bb] != gpu[b * bb..(b + 1) * bb]).collect();
+        assert!(
+            differing.is_empty(),
+            "{format:?}: {} of {} blocks differ, first {:?}",
+            differing.len(),
+            cpu.len() / bb,
+            &differing[..differing.len().min(8)]
+        );
+    }
 }
 
 struct Problem {
@@ -79,6 +81,9 @@ struct Problem {
     slot_to_cell: Vec<i32>,
     mask: Vec<f32>,
     k_by_channel: Vec<bool>,
+    k_format: Format,
+    /// The keys the store was coded from (an lq3 store is coded from them again).
+    k_values: Vec<f32>,
 }
 
 fn problem(seed: u64, d: usize, n_head: usize, n_head_kv: usize, n_tokens: usize, n_kv: usize, frac: f32) -> Problem {
@@ -130,7 +135,17 @@ fn problem(seed: u64, d: usize, n_head: usize, n_head_kv: usize, n_tokens: usize
         slot_to_cell,
         mask,
         k_by_channel: Vec::new(),
+        k_format: Format::Lq2,
+        k_values: k,
     }
+}
+
+/// The same problem with a 3-bit K store (per token; with_keys_by_channel after it
+/// codes its groups as lq3 too).
+fn with_lq3_keys(mut p: Problem) -> Problem {
+    p.k_store = lq2_kernels::quantize_as(Format::Lq3, &p.k_values, false).unwrap();
+    p.k_format = Format::Lq3;
+    p
 }
 
 /// The same problem with keys by channel in about half of its groups of 64 cells:
@@ -146,7 +161,7 @@ fn with_keys_by_channel(mut p: Problem, seed: u64) -> Problem {
     for g in 0..p.n_kv / 64 {
         if p.k_by_channel[g] {
             let rows: Vec<f32> = (0..64 * row).map(|i| offset[i % row] + scale[i % row] * rng.normal()).collect();
-            let group = lq2::quantize_by_channel(&rows, row);
+            let group = lq2::quantize_by_channel_as(p.k_format, &rows, row);
             p.k_store[g * group.len()..(g + 1) * group.len()].copy_from_slice(&group);
         }
     }
@@ -173,14 +188,16 @@ impl Problem {
             mask: &self.mask,
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             k_by_channel: &self.k_by_channel,
-            k_format: lq2_kernels::Format::Lq2,
+            k_format: self.k_format,
         };
         let cpu = two_tier_kernel::run(&case).unwrap();
         let gpu = two_tier_kernel::run_on(&case, GPU).unwrap();
         let err = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(
             err <= tol && gpu.iter().all(|x| x.is_finite()),
-            "d={} heads={}/{} tokens={} cells={} overlay={}: max |cuda - cpu| = {err}",
+            "{:?} K{} d={} heads={}/{} tokens={} cells={} overlay={}: max |cuda - cpu| = {err}",
+            self.k_format,
+            if self.k_by_channel.is_empty() { "" } else { " by channel" },
             self.d,
             self.n_head,
             self.n_head_kv,
@@ -291,6 +308,49 @@ fn prefill_shapes_on_cuda_equal_the_cpu() {
     eprintln!("{} prefill cases", cases + 1);
 }
 
+/// An lq3 K store (3-bit keys, 2-bit values), per token and by channel, at decode and
+/// prefill shapes: the op dequantizes the store to f16 for llama.cpp's flash attention
+/// at every batch size (the tiled kernel reads lq2 K alone). Then 2-bit keys by channel
+/// at prefill shapes through the same dense path (LOGQUANT_CUDA_DENSE_MIN=1) and the
+/// tiled kernel (=0).
+#[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
+fn lq3_keys_and_dense_keys_by_channel_on_cuda_equal_the_cpu() {
+    let _gpu = hold_gpu();
+    let mut cases = 0;
+    let shapes = [
+        (64usize, 1usize, 1usize, 1usize),
+        (128, 8, 4, 1),
+        (128, 2, 7, 1),
+        (256, 1, 2, 2),
+        (128, 2, 4, 64),
+        (64, 4, 8, 20),
+    ];
+    for (i, &(d, n_head_kv, gqa, n_tokens)) in shapes.iter().enumerate() {
+        for (l, &frac) in [0.0f32, 0.3, 1.0].iter().enumerate() {
+            let pick = i * 3 + l;
+            let n_kv = [704usize, 4096, 2048][pick % 3];
+            let p = problem(pick as u64 * 982451653 + 13, d, n_head_kv * gqa, n_head_kv, n_tokens, n_kv, frac);
+            let p = with_lq3_keys(p);
+            p.assert_cuda_matches_cpu(1e-2);
+            let p = with_keys_by_channel(p, pick as u64 + 17);
+            p.assert_cuda_matches_cpu(1e-2);
+            cases += 2;
+            if n_tokens * gqa >= 64 {
+                let p = problem(pick as u64 * 15485863 + 7, d, n_head_kv * gqa, n_head_kv, n_tokens, n_kv, frac);
+                let p = with_keys_by_channel(p, pick as u64 + 19);
+                for dense in ["1", "0"] {
+                    std::env::set_var("LOGQUANT_CUDA_DENSE_MIN", dense);
+                    p.assert_cuda_matches_cpu(1e-2);
+                }
+                std::env::remove_var("LOGQUANT_CUDA_DENSE_MIN");
+                cases += 1;
+            }
+        }
+    }
+    eprintln!("{cases} lq3 and dense keys-by-channel cases");
+}
+
 /// The decode shapes of grouped-query models with 4 or 8 KV heads (Llama 3 8B: 8 of 128),
 /// with one and two queries per head: the shapes where the kernel can give a block 4 KV
 /// heads and stage their rows together; each case runs with and without that layout
@@ -395,9 +455,25 @@ fn a_model_on_cuda_matches_the_cpu_with_several_sequences() {
     let f16 = kld(&run_three(&cpu, "f16"), &run_three(&gpu, "f16"));
     eprintln!("CPU vs CUDA mean/max KLD: f16 {f16:?}");
     // Keys centered (the default), both centered (offsets added back to the output on
-    // the GPU too), none, and keys by channel (groups coded from the GPU's f16 copies).
-    for kv in ["logquant:D=24", "logquant:D=24:center=kv", "logquant:D=24:center=none", "streaming:D=64:keys=channel"] {
-        let lq = kld(&run_three(&cpu, kv), &run_three(&gpu, kv));
+    // the GPU too), none, keys by channel (groups coded from the GPU's f16 copies), and
+    // 3-bit keys per token and by channel (the op's dense path at every step).
+    for kv in [
+        "logquant:D=24",
+        "logquant:D=24:center=kv",
+        "logquant:D=24:center=none",
+        "streaming:D=64:keys=channel",
+        "logquant:D=24:k=lq3",
+        "streaming:D=64:k=lq3:keys=channel",
+    ] {
+        // the dense path of lq3 with each stream in a group of its own (the streams
+        // after the first read their own keys-by-channel flags)
+        let one_stream_groups = kv.contains("keys=channel") && kv.contains("lq3");
+        if one_stream_groups {
+            std::env::set_var("LOGQUANT_CUDA_DENSE_SCRATCH", "1");
+        }
+        let on_gpu = run_three(&gpu, kv);
+        std::env::remove_var("LOGQUANT_CUDA_DENSE_SCRATCH");
+        let lq = kld(&run_three(&cpu, kv), &on_gpu);
         let q2_gap = kld(&run_three(&cpu, "f16"), &run_three(&cpu, kv));
         eprintln!("CPU vs CUDA mean/max KLD: {kv} {lq:?}; {kv} vs f16 on the CPU {q2_gap:?}");
         assert!(lq.0 < 1e-3 && lq.1 < 1e-2, "{kv} CPU vs CUDA: {lq:?}");

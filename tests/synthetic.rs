@@ -135,7 +135,13 @@ fn a_single_tier_lq2_cache_on_a_gpu_is_refused_with_the_two_tier_alternative() {
         assert!(err.contains("logquant:D=0") && err.contains("--ngl 0"), "{err}");
         assert!(engine::check_lq2_placement(kv, false).is_ok());
     }
-    for kv in ["logquant:D=0", "logquant", "f16", "q4_0"] {
+    for kv in ["logquant:D=0", "logquant", "f16", "q4_0", "logquant:k=lq3", "logquant:D=126:k=lq3:keys=channel"] {
         assert!(engine::check_lq2_placement(KvConfig::parse(kv).unwrap(), true).is_ok(), "{kv}");
+    }
+    // a two-tier store the GPU kernels do not read
+    for kv in ["logquant:k=q4_0", "logquant:v=lq3", "streaming:k=f16"] {
+        let err = engine::check_lq2_placement(KvConfig::parse(kv).unwrap(), true).unwrap_err().to_string();
+        assert!(err.contains("--ngl 0") && err.contains("k=lq3"), "{err}");
+        assert!(engine::check_lq2_placement(KvConfig::parse(kv).unwrap(), false).is_ok());
     }
 }

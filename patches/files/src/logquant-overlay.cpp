@@ -90,7 +90,7 @@ static attn_op new_attn_op(ggml_context * ctx, int64_t D, int64_t n_head, int64_
 // Whether device dev runs the two-tier attention op for heads of size D, asked as the
 // scheduler asks (with a stand-in op of that shape): what a device refuses, the
 // scheduler would run on the CPU, copying the whole cache there every step.
-static bool attn_runs_on(ggml_backend_dev_t dev, int64_t D, int64_t n_head_kv, bool by_channel) {
+static bool attn_runs_on(ggml_backend_dev_t dev, int64_t D, int64_t n_head_kv, bool by_channel, ggml_type k_type) {
     if (dev == nullptr) {
         return false;
     }
@@ -100,7 +100,7 @@ static bool attn_runs_on(ggml_backend_dev_t dev, int64_t D, int64_t n_head_kv, b
         return false;
     }
     logquant_attn_layer layer = { nullptr, 1.0f, 0.0f, 0.0f };
-    const bool ok = ggml_backend_dev_supports_op(dev, new_attn_op(ctx, D, n_head_kv, n_head_kv, 1, 256, 1, &layer, by_channel).out);
+    const bool ok = ggml_backend_dev_supports_op(dev, new_attn_op(ctx, D, n_head_kv, n_head_kv, 1, 256, 1, &layer, by_channel, k_type).out);
     ggml_free(ctx);
     return ok;
 }
@@ -137,8 +137,8 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32
         if (!ggml_backend_buffer_is_host(layer.k->buffer)) {
             // what the CUDA kernel runs (logquant_cuda_supports_op); elsewhere the
             // scheduler would copy the whole cache to the CPU every step
-            if (layer.k->type != GGML_TYPE_LQ2 || layer.v->type != GGML_TYPE_LQ2) {
-                throw std::runtime_error(std::string("the CUDA two-tier kernel reads an lq2 store, not ") +
+            if ((layer.k->type != GGML_TYPE_LQ2 && layer.k->type != GGML_TYPE_LQ3) || layer.v->type != GGML_TYPE_LQ2) {
+                throw std::runtime_error(std::string("the CUDA two-tier kernel reads an lq2 or lq3 K store and an lq2 V store, not ") +
                                          ggml_type_name(layer.k->type) + "/" + ggml_type_name(layer.v->type) +
                                          ": keep the cache on the CPU (--ngl 0)");
             }
@@ -149,7 +149,7 @@ logquant_overlay::logquant_overlay(llama_kv_cache & kv, uint32_t n_slots, uint32
                                          " (V) is not one the CUDA two-tier kernel runs (64, 128 or 256, K = V): keep the "
                                          "cache on the CPU (--ngl 0) or use one of llama.cpp's cache types");
             }
-            if (!attn_runs_on(ggml_backend_buft_get_device(buft), dk, layer.k->ne[0]/dk, keys_by_channel)) {
+            if (!attn_runs_on(ggml_backend_buft_get_device(buft), dk, layer.k->ne[0]/dk, keys_by_channel, layer.k->type)) {
                 throw std::runtime_error(std::string("the two-tier attention does not run on ") + ggml_backend_buft_name(buft) +
                                          " (its kernel needs NVIDIA compute capability 8.0, Ampere, or newer on every "
                                          "GPU): keep the cache on the CPU (--ngl 0) or use one of llama.cpp's cache types");

@@ -54,6 +54,7 @@ struct lq_attn_params {
     int32_t n_slots;
     const int32_t * kbc; // keys by channel: [n_stream][kbc_n] nonzero where a group of 64 cells
     int32_t kbc_n;       // is held by channel (ggml-lq2.h); nullptr: none
+    bool k_lq3;          // an lq3 K store (the dense path alone reads it)
     int32_t n_kv, N, n_head, n_head_kv, G;
     float scale, softcap, max_bias, m0, m1;
     uint32_t n_head_log2;
@@ -1284,6 +1285,13 @@ static void lq_attn_dispatch_qt(ggml_backend_cuda_context & ctx, lq_attn_params 
 // least: 2 x 16 MiB per 1024 cells at 8 KV heads of 128).
 #define LQ_DENSE_SCRATCH (size_t(256) << 20)
 
+// LQ_DENSE_SCRATCH, or LOGQUANT_CUDA_DENSE_SCRATCH=BYTES (tests: 1 puts each stream in a
+// group of its own; read at each launch).
+static size_t lq_dense_scratch() {
+    const char * env = getenv("LOGQUANT_CUDA_DENSE_SCRATCH");
+    return env != nullptr && *env != '\0' ? (size_t) strtoull(env, nullptr, 10) : LQ_DENSE_SCRATCH;
+}
+
 // Queries per KV head (GQA x tokens per stream) from which the op runs the dense path;
 // LOGQUANT_CUDA_DENSE_MIN=N to measure another (0: never; read at each launch, as the
 // tests switch it between cases).
@@ -1294,13 +1302,30 @@ static int lq_dense_min_queries() {
     return env != nullptr && *env != '\0' ? atoi(env) : LQ_DENSE_MIN_QUERIES;
 }
 
-// Store (lq2) [D, n_kv, H, streams] -> f16 [streams][H][n_kv][D], K (blockIdx.z = 0) and V
-// (1): a warp per block of 64 values, 2 values per lane (value = m + d*code).
+// Entry (cell, e) of KV head h's K store of one stream (rows: the stream's cells), as
+// the CPU reads it: per token, block e/64 of the cell's row slice; in a group held by
+// channel (by_channel), block h*D + e of the group's first row holds channel e of its
+// 64 cells (ggml-lq2.h).
+template <typename block>
+static __device__ __forceinline__ float lq_dense_k(const char * __restrict__ k, const int64_t k_nb1,
+        const int64_t k_nb2, const int h, const int cell, const int e, const int D, const bool by_channel) {
+    if (by_channel) {
+        const block * g = (const block *) (k + (int64_t) (cell - cell % QK_LQ2)*k_nb1) + (int64_t) h*D + e;
+        return lq_value(*g, cell % QK_LQ2);
+    }
+    const block * x = (const block *) (k + h*k_nb2 + cell*k_nb1) + e/QK_LQ2;
+    return lq_value(*x, e % QK_LQ2);
+}
+
+// Store [D, n_kv, H, streams] -> f16 [streams][H][n_kv][D], K (blockIdx.z = 0; lq2 or,
+// with k_lq3, lq3; kbc: keys by channel, as lq_attn_params) and V (1, lq2): a warp per
+// 64 values of a row, 2 values per lane (value = m + d*code).
 static __global__ void lq_dense_dequantize(const char * __restrict__ k, const int64_t k_nb1, const int64_t k_nb2,
-        const int64_t k_nb3, const char * __restrict__ v, const int64_t v_nb1, const int64_t v_nb2, const int64_t v_nb3,
+        const int64_t k_nb3, const bool k_lq3, const int32_t * __restrict__ kbc, const int kbc_n, const int z0,
+        const char * __restrict__ v, const int64_t v_nb1, const int64_t v_nb2, const int64_t v_nb3,
         half * __restrict__ k16, half * __restrict__ v16, const int D, const int n_kv, const int H) {
     const int nb   = D/QK_LQ2;
-    const int64_t w = ((int64_t) blockIdx.x*blockDim.x + threadIdx.x)/WARP_SIZE; // block of 64 in (h, cell, b) order
+    const int64_t w = ((int64_t) blockIdx.x*blockDim.x + threadIdx.x)/WARP_SIZE; // 64 values in (h, cell, b) order
     const int lane = threadIdx.x % WARP_SIZE;
     if (w >= (int64_t) H*n_kv*nb) {
         return;
@@ -1309,15 +1334,25 @@ static __global__ void lq_dense_dequantize(const char * __restrict__ k, const in
     const int cell = (int) ((w / nb) % n_kv);
     const int h    = (int) (w / ((int64_t) nb*n_kv));
     const int z    = blockIdx.y;
-    const bool is_v = blockIdx.z == 1;
-    const char * src = is_v ? v + z*v_nb3 + h*v_nb2 + cell*v_nb1 : k + z*k_nb3 + h*k_nb2 + cell*k_nb1;
-    const block_lq2 * x = (const block_lq2 *) src + b;
-    const float d = __half2float(__ushort_as_half(x->d)); // (ggml_fp16_t: the bits of a half)
-    const float m = __half2float(__ushort_as_half(x->m));
-    const uint8_t q = x->qs[lane/2] >> (4*(lane % 2)); // values 2*lane, 2*lane + 1
-    const half2 y = __floats2half2_rn(fmaf(d, (float) (q & 3), m), fmaf(d, (float) ((q >> 2) & 3), m));
-    half * out = (is_v ? v16 : k16) + (((int64_t) z*H + h)*n_kv + cell)*D + b*QK_LQ2;
-    ((half2 *) out)[lane] = y;
+    const int e    = b*QK_LQ2 + 2*lane; // values e, e + 1 of the head's row
+    float y0, y1;
+    if (blockIdx.z == 1) {
+        const block_lq2 * x = (const block_lq2 *) (v + z*v_nb3 + h*v_nb2 + cell*v_nb1) + b;
+        y0 = lq_value(*x, 2*lane);
+        y1 = lq_value(*x, 2*lane + 1);
+    } else {
+        const char * kz = k + z*k_nb3;
+        const bool by_channel = kbc != nullptr && kbc[(int64_t) (z0 + z)*kbc_n + cell/QK_LQ2] != 0;
+        if (k_lq3) {
+            y0 = lq_dense_k<block_lq3>(kz, k_nb1, k_nb2, h, cell, e, D, by_channel);
+            y1 = lq_dense_k<block_lq3>(kz, k_nb1, k_nb2, h, cell, e + 1, D, by_channel);
+        } else {
+            y0 = lq_dense_k<block_lq2>(kz, k_nb1, k_nb2, h, cell, e, D, by_channel);
+            y1 = lq_dense_k<block_lq2>(kz, k_nb1, k_nb2, h, cell, e + 1, D, by_channel);
+        }
+    }
+    half * out = (blockIdx.z == 1 ? v16 : k16) + (((int64_t) z*H + h)*n_kv + cell)*D + e;
+    *(half2 *) out = __floats2half2_rn(y0, y1);
 }
 
 // The overlay's rows over the cells they hold: block (slot, stream).
@@ -1381,42 +1416,63 @@ static ggml_tensor lq_dense_tensor(ggml_type type, void * data, const int64_t ne
     return t;
 }
 
-// The dense path for `dst` (P as lq_attn built it); false, having launched nothing,
-// where flash attention does not take this shape.
-static bool lq_attn_dense(ggml_backend_cuda_context & ctx, ggml_tensor * dst, const lq_attn_params & P,
-                          const logquant_attn_layer * layer) {
-    const ggml_tensor * q    = dst->src[0];
-    const ggml_tensor * mask = dst->src[3];
-    const int     D        = (int) dst->src[1]->ne[0];
-    const int     n_stream = (int) q->ne[3];
-    const int64_t per_stream = (int64_t) P.n_kv*P.n_head_kv*D; // values of K (and of V) per stream
-    const int group = (int) std::max<int64_t>(1, std::min<int64_t>(n_stream, LQ_DENSE_SCRATCH/(2*per_stream*sizeof(half))));
+// The flash-attention op the dense path runs for the op `dst` over a group of streams:
+// dst's query and mask, the f16 copy of K (and V after it) in place of the store.
+struct lq_dense_fa {
+    ggml_tensor fa = {}, tq, tk, tv, tm;
+    const ggml_tensor * dst;
 
-    ggml_tensor fa = {};
-    fa.op   = GGML_OP_FLASH_ATTN_EXT;
-    fa.type = GGML_TYPE_F32;
-    const float params[3] = { layer->scale, layer->max_bias, layer->logit_softcap };
-    memcpy(fa.op_params, params, sizeof(params)); // then precision 0 (default), no sparse gather
-    ggml_tensor tq = *q, tm = *mask;
-    ggml_tensor tk = lq_dense_tensor(GGML_TYPE_F16, nullptr, D, P.n_kv, P.n_head_kv, group);
-    ggml_tensor tv = tk;
-    fa.src[0] = &tq; fa.src[1] = &tk; fa.src[2] = &tv; fa.src[3] = &tm;
-    auto describe = [&](const int z0, const int ns, half * k16) {
+    lq_dense_fa(const ggml_tensor * dst, const float scale, const float max_bias, const float softcap)
+        : tq(*dst->src[0]), tm(*dst->src[3]), dst(dst) {
+        fa.op   = GGML_OP_FLASH_ATTN_EXT;
+        fa.type = GGML_TYPE_F32;
+        const float params[3] = { scale, max_bias, softcap };
+        memcpy(fa.op_params, params, sizeof(params)); // then precision 0 (default), no sparse gather
+        fa.src[0] = &tq; fa.src[1] = &tk; fa.src[2] = &tv; fa.src[3] = &tm;
+    }
+    lq_dense_fa(const lq_dense_fa &) = delete; // fa points at the members
+
+    // Streams [z0, z0 + ns), K and V f16 at k16 (nullptr: only to ask what flash
+    // attention takes).
+    void describe(const int z0, const int ns, half * k16) {
+        const ggml_tensor * q = dst->src[0];
+        const ggml_tensor * k = dst->src[1];
+        const ggml_tensor * mask = dst->src[3];
+        const int64_t D = k->ne[0], n_kv = k->ne[1], H = k->ne[2];
         tq.data = (char *) q->data + z0*q->nb[3]; tq.ne[3] = ns;
         if (mask->ne[3] > 1) {
             tm.data = (char *) mask->data + z0*mask->nb[3]; tm.ne[3] = ns;
         }
-        tk = lq_dense_tensor(GGML_TYPE_F16, k16, D, P.n_kv, P.n_head_kv, ns);
-        tv = lq_dense_tensor(GGML_TYPE_F16, k16 + ns*per_stream, D, P.n_kv, P.n_head_kv, ns);
+        tk = lq_dense_tensor(GGML_TYPE_F16, k16, D, n_kv, H, ns);
+        tv = lq_dense_tensor(GGML_TYPE_F16, k16 == nullptr ? nullptr : k16 + ns*D*n_kv*H, D, n_kv, H, ns);
         for (int i = 0; i < GGML_MAX_DIMS; ++i) {
             fa.ne[i] = dst->ne[i];
             fa.nb[i] = dst->nb[i];
         }
         fa.ne[3] = ns;
         fa.data  = (char *) dst->data + z0*dst->nb[3];
-    };
-    describe(0, group, nullptr);
-    if (!ggml_cuda_flash_attn_ext_supported(ggml_cuda_get_device(), &fa)) {
+    }
+};
+
+// Whether flash attention on `device` takes the dense path of the op `dst`.
+static bool lq_dense_supported(const int device, const ggml_tensor * dst) {
+    lq_dense_fa d(dst, 1.0f, 0.0f, 0.0f);
+    d.describe(0, 1, nullptr);
+    return ggml_cuda_flash_attn_ext_supported(device, &d.fa);
+}
+
+// The dense path for `dst` (P as lq_attn built it); false, having launched nothing,
+// where flash attention does not take this shape.
+static bool lq_attn_dense(ggml_backend_cuda_context & ctx, ggml_tensor * dst, const lq_attn_params & P,
+                          const logquant_attn_layer * layer) {
+    const int     D        = (int) dst->src[1]->ne[0];
+    const int     n_stream = (int) dst->src[0]->ne[3];
+    const int64_t per_stream = (int64_t) P.n_kv*P.n_head_kv*D; // values of K (and of V) per stream
+    const int group = (int) std::max<int64_t>(1, std::min<int64_t>(n_stream, lq_dense_scratch()/(2*per_stream*sizeof(half))));
+
+    lq_dense_fa d(dst, layer->scale, layer->max_bias, layer->logit_softcap);
+    d.describe(0, group, nullptr);
+    if (!ggml_cuda_flash_attn_ext_supported(ggml_cuda_get_device(), &d.fa)) {
         return false;
     }
 
@@ -1429,14 +1485,14 @@ static bool lq_attn_dense(ggml_backend_cuda_context & ctx, ggml_tensor * dst, co
         const int64_t warps = (int64_t) P.n_head_kv*P.n_kv*(D/QK_LQ2);
         const dim3 grid_d((unsigned) ((warps + 7)/8), ns, 2);
         lq_dense_dequantize<<<grid_d, 8*WARP_SIZE, 0, stream>>>(P.k + z0*P.k_nb3, P.k_nb1, P.k_nb2, P.k_nb3,
-            P.v + z0*P.v_nb3, P.v_nb1, P.v_nb2, P.v_nb3, k16, v16, D, P.n_kv, P.n_head_kv);
+            P.k_lq3, P.kbc, P.kbc_n, z0, P.v + z0*P.v_nb3, P.v_nb1, P.v_nb2, P.v_nb3, k16, v16, D, P.n_kv, P.n_head_kv);
         if (P.n_slots > 0) {
             lq_dense_overlay<<<dim3(P.n_slots, ns), 256, 0, stream>>>(P.kov, P.vov, P.ov_nb1, P.s2c, P.n_slots, z0,
                 k16, v16, D, P.n_kv, P.n_head_kv);
         }
         CUDA_CHECK(cudaGetLastError());
-        describe(z0, ns, k16);
-        ggml_cuda_flash_attn_ext(ctx, &fa);
+        d.describe(z0, ns, k16);
+        ggml_cuda_flash_attn_ext(ctx, &d.fa);
     }
     lq_dense_zero_hidden_rows<<<dim3(P.N, n_stream), WARP_SIZE, 0, stream>>>(P.mask, P.m_nb1, P.m_nb2, P.m_nb3,
         P.m_ne2, P.m_ne3, (char *) dst->data, dst->nb[1], dst->nb[2], dst->nb[3], P.n_kv, P.n_head, D);
@@ -1469,6 +1525,7 @@ static void lq_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
         P.kbc   = (const int32_t *) kbc->data;
         P.kbc_n = (int32_t) kbc->ne[0];
     }
+    P.k_lq3     = k->type == GGML_TYPE_LQ3;
     P.n_kv      = (int32_t) k->ne[1];
     P.N         = (int32_t) q->ne[1];
     P.n_head    = (int32_t) q->ne[2];
@@ -1493,9 +1550,14 @@ static void lq_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     }
     P.n_qtiles = (GN + QT - 1) / QT;
 
+    // An lq3 K store takes the dense path at every batch size: the tiled kernel's tensor
+    // cores read 20-byte lq2 blocks (supports_op checked that flash attention takes it).
     const int dense_min = lq_dense_min_queries();
-    if (P.kbc == nullptr && dense_min > 0 && GN >= dense_min && lq_attn_dense(ctx, dst, P, layer)) {
-        return;
+    if (P.k_lq3 || (dense_min > 0 && GN >= dense_min)) {
+        if (lq_attn_dense(ctx, dst, P, layer)) {
+            return;
+        }
+        GGML_ASSERT(!P.k_lq3);
     }
 
     float * out = (float *) dst->data;
@@ -1573,7 +1635,8 @@ bool logquant_cuda_supports_op(const ggml_tensor * op) {
             return false;
         }
         const int64_t D = k->ne[0];
-        return q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_LQ2 && v->type == GGML_TYPE_LQ2 &&
+        const bool ok = q->type == GGML_TYPE_F32 && (k->type == GGML_TYPE_LQ2 || k->type == GGML_TYPE_LQ3) &&
+               v->type == GGML_TYPE_LQ2 &&
                op->src[3]->type == GGML_TYPE_F16 && op->src[4]->type == GGML_TYPE_F16 && op->src[5]->type == GGML_TYPE_F16 &&
                s2c->type == GGML_TYPE_I32 && ggml_is_contiguous(s2c) && (D == 64 || D == 128 || D == 256) &&
                v->ne[0] == D && q->ne[0] == D && v->ne[2] == k->ne[2] && q->ne[2] % k->ne[2] == 0 &&
@@ -1582,6 +1645,16 @@ bool logquant_cuda_supports_op(const ggml_tensor * op) {
                k->ne[1] <= INT32_MAX / 2 &&
                (op->src[7] == nullptr || (op->src[7]->type == GGML_TYPE_I32 && ggml_is_contiguous(op->src[7]) &&
                                           op->src[7]->ne[0]*QK_LQ2 >= k->ne[1] && op->src[7]->ne[1] >= q->ne[3]));
+        if (!ok || k->type != GGML_TYPE_LQ3) {
+            return ok;
+        }
+        // an lq3 K store runs the dense path alone: flash attention must take it
+        for (int id = 0; id < ggml_cuda_info().device_count; ++id) {
+            if (!lq_dense_supported(id, op)) {
+                return false;
+            }
+        }
+        return true;
     }
     if (fun == logquant_overlay_write) {
         for (int i = 0; i < 5; ++i) {
