@@ -66,6 +66,16 @@ fn lq2_and_lq3_quantization_on_cuda_equals_the_cpu_bit_for_bit() {
     }
 }
 
+/// Runs `check` once with the environment variable `var` set to each of `values` (the op
+/// reads its LOGQUANT_CUDA_* switches at each launch), then unsets it.
+fn with_each_setting(var: &str, values: &[&str], mut check: impl FnMut()) {
+    for value in values {
+        std::env::set_var(var, value);
+        check();
+    }
+    std::env::remove_var(var);
+}
+
 struct Problem {
     d: usize,
     n_head: usize,
@@ -260,11 +270,9 @@ fn keys_by_channel_on_cuda_equal_the_cpu() {
                 }
                 let p = problem(pick as u64 * 15485863 + 5, d, n_head_kv * gqa, n_head_kv, n_tokens, n_kv, frac);
                 let p = with_keys_by_channel(p, pick as u64 + 11);
-                for force in ["1", "0"] {
-                    std::env::set_var("LOGQUANT_CUDA_GROUPED", force);
+                with_each_setting("LOGQUANT_CUDA_GROUPED", &["1", "0"], || {
                     p.assert_cuda_matches_cpu(1e-2);
-                }
-                std::env::remove_var("LOGQUANT_CUDA_GROUPED");
+                });
                 cases += 1;
             }
         }
@@ -289,22 +297,18 @@ fn prefill_shapes_on_cuda_equal_the_cpu() {
             let pick = i * 3 + l;
             let n_kv = [300usize, 2048, 5000][pick % 3];
             let p = problem(pick as u64 * 6700417 + 9, d, n_head_kv * gqa, n_head_kv, n_tokens, n_kv, frac);
-            for dense in ["1", "0"] {
-                std::env::set_var("LOGQUANT_CUDA_DENSE_MIN", dense);
+            with_each_setting("LOGQUANT_CUDA_DENSE_MIN", &["1", "0"], || {
                 p.assert_cuda_matches_cpu(1e-2);
-            }
-            std::env::remove_var("LOGQUANT_CUDA_DENSE_MIN");
+            });
             cases += 1;
         }
     }
     // More queries than cells: the mask hides every cell from the first 30 rows, where
     // the op's result is 0 (llama.cpp's CUDA flash attention alone would give NaN).
     let p = problem(77, 128, 8, 2, 80, 50, 0.3);
-    for dense in ["1", "0"] {
-        std::env::set_var("LOGQUANT_CUDA_DENSE_MIN", dense);
+    with_each_setting("LOGQUANT_CUDA_DENSE_MIN", &["1", "0"], || {
         p.assert_cuda_matches_cpu(1e-2);
-    }
-    std::env::remove_var("LOGQUANT_CUDA_DENSE_MIN");
+    });
     eprintln!("{} prefill cases", cases + 1);
 }
 
@@ -339,11 +343,9 @@ fn lq3_keys_and_dense_keys_by_channel_on_cuda_equal_the_cpu() {
             if n_tokens * gqa >= 64 {
                 let p = problem(pick as u64 * 15485863 + 7, d, n_head_kv * gqa, n_head_kv, n_tokens, n_kv, frac);
                 let p = with_keys_by_channel(p, pick as u64 + 19);
-                for dense in ["1", "0"] {
-                    std::env::set_var("LOGQUANT_CUDA_DENSE_MIN", dense);
+                with_each_setting("LOGQUANT_CUDA_DENSE_MIN", &["1", "0"], || {
                     p.assert_cuda_matches_cpu(1e-2);
-                }
-                std::env::remove_var("LOGQUANT_CUDA_DENSE_MIN");
+                });
                 cases += 1;
             }
         }
@@ -369,11 +371,9 @@ fn grouped_heads_on_cuda_equal_the_cpu() {
                     let n_head = n_head_kv * gqa;
                     let p = problem(pick as u64 * 104729 + 3, d, n_head, n_head_kv, n_tokens, n_kv, frac);
                     // both layouts of the kernel (grouped blocks where they can run, and not)
-                    for force in ["1", "0"] {
-                        std::env::set_var("LOGQUANT_CUDA_GROUPED", force);
+                    with_each_setting("LOGQUANT_CUDA_GROUPED", &["1", "0"], || {
                         p.assert_cuda_matches_cpu(1e-2);
-                    }
-                    std::env::remove_var("LOGQUANT_CUDA_GROUPED");
+                    });
                     cases += 1;
                 }
             }
