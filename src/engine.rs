@@ -197,7 +197,7 @@ impl LoadedModel {
     /// whole sequence (K and V of its widest layer). 0 for a single-tier cache.
     /// llama.cpp's memory breakdown cannot see it, so the memory plan adds it for a cache
     /// on the GPU.
-    pub fn dense_prefill_scratch(&self, cfg: &ContextConfig, n_ctx: u32) -> u64 {
+    pub fn dense_path_scratch(&self, cfg: &ContextConfig, n_ctx: u32) -> u64 {
         // logquant-attn.cu's LQ_DENSE_SCRATCH and lq_attn_dense's grouping, mirrored
         const LQ_DENSE_SCRATCH: u64 = 256 << 20;
         if cfg.kv.policy.is_none() {

@@ -970,12 +970,12 @@ impl Drop for Sampler {
 // The 2-bit KV format's kernels (for tests against crate::lq2)
 // ---------------------------------------------------------------------------------
 
-/// The C kernels of the lq2 and lq3 formats, exactly as the KV cache runs them. The
-/// functions without `_as` are lq2's.
 /// Tokens a stream holds when a centering cache freezes its offsets (after the decode
 /// that reaches that many): each channel's mean over them, position 0 left out.
 pub const CENTER_TOKENS: u32 = ffi::LOGQUANT_CENTER_TOKENS;
 
+/// The C kernels of the lq2 and lq3 formats, exactly as the KV cache runs them. The
+/// functions without `_as` are lq2's.
 pub mod lq2_kernels {
     use super::{ffi, LlamaError};
     pub use crate::lq2::Format;

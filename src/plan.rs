@@ -73,7 +73,7 @@ fn probe(
     // A sizing context allocates no overlay: add what the two-tier cache would.
     m.context_host += model.overlay_bytes(&cfg, n_ctx)? as usize;
     if m.context_device > 0 {
-        m.compute_device += model.dense_prefill_scratch(&cfg, n_ctx) as usize;
+        m.compute_device += model.dense_path_scratch(&cfg, n_ctx) as usize;
     }
     Ok(m)
 }

@@ -121,13 +121,13 @@ pub fn serve(opts: &ServeOptions, on_start: impl FnOnce(&Startup)) -> Result<(),
     // then: a first chunk of that many keeps that work to 16 tokens (not a whole
     // chunk of 64 or more) and the offsets those of a prompt's first 16 tokens, as `eval`
     // takes them.
-    let first_chunk =
-        if cfg.kv.policy.is_some() && cfg.kv.center != Centering::NONE { llama::CENTER_TOKENS as usize } else { 512 };
+    let prefill_chunk = 512;
+    let centering = cfg.kv.policy.is_some() && cfg.kv.center != Centering::NONE;
     let layout = scheduler::Layout {
         parallel: parallel as usize,
         ctx_per_seq: ctx_per_seq as usize,
-        prefill_chunk: 512,
-        first_chunk,
+        prefill_chunk,
+        first_chunk: if centering { llama::CENTER_TOKENS as usize } else { prefill_chunk },
     };
     let engine_cfg = cfg.clone();
     let engine = std::thread::Builder::new()

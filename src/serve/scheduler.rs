@@ -9,8 +9,8 @@
 //! one the request gets alone (tests/serve.rs). On a GPU it may not, in near ties:
 //! there the arithmetic depends on the micro-batch's shape (cuBLAS picks its matrix
 //! product by size, the two-tier op its prefill path by the tokens per sequence in
-//! the micro-batch). After the decode,
-//! every sequence whose last token produced logits samples its next token. Requests wait in the bounded channel until a sequence is
+//! the micro-batch). After the decode, every sequence whose last token produced logits
+//! samples its next token. Requests wait in the bounded channel until a sequence is
 //! free; a request whose client went away (its event receiver dropped) frees its
 //! sequence before the next step. Every request was checked by the HTTP layer first
 //! (prompt and max_tokens within the per-sequence context), so nothing here can
