@@ -2,7 +2,8 @@
 # One device call (BENCHMARKS.md, "The two-tier prefill on the GPU"): the CUDA tests,
 # prefill from empty with the tiled kernel and the dense path, then serving loads, f16
 # and logquant.
-#   STAGE=tests|bench|serve|all  LOADS="800:64 200:512" (prompt words:generated tokens)
+#   STAGE=tests|bench|chunk|serve|all  LOADS="800:64 200:512" (prompt words:generated tokens)
+#   CHUNKS="256" (serve: also logquant with each --lq-chunk)
 # on the device, with target/dev/both.tar.xz carried (the stripped logquant binary `lq`
 # and the CUDA test binary `cuda-tests`, one xz stream: they share most of their bytes).
 set -uo pipefail
@@ -33,11 +34,25 @@ bench|all)
   $B --kv f16,logquant --json /tmp/res/prefill-dense.json 2>/dev/null | tee /tmp/res/prefill-dense.txt
   LOGQUANT_CUDA_DENSE_MIN=0 $B --kv logquant --json /tmp/res/prefill-tiled.json 2>/dev/null | tee /tmp/res/prefill-tiled.txt
   ;;&
+chunk|all)
+  # one 4096-token prompt from empty, then 8 sequences decoding at 4096: f16 in
+  # micro-batches of 512 and of 64, logquant in chunks of 64 to 512 tokens per call
+  C="target/run/lq bench -m $M --ngl 99 --depth 4096 --batch 8 --gen 16 --reps 2 --prefill 4096"
+  for a in "--kv f16" "--kv f16 --ub 64" "--kv logquant --lq-chunk 64" "--kv logquant --lq-chunk 256" "--kv logquant --lq-chunk 512"; do
+    echo "== $a"; $C $a 2>/dev/null | tail -1
+  done | tee /tmp/res/chunk-bench.txt
+  pack
+  ;;&
 serve|all)
   for load in ${LOADS:-800:64 200:512}; do
     mkdir -p /tmp/res/w${load%:*}-g${load#*:}
     BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=128 \
       REQUESTS=128 WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS="${KVS:-f16 logquant}" scripts/benchmarks-cuda.sh serve
+    for c in ${CHUNKS:-}; do
+      BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=128 \
+        REQUESTS=128 WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS=logquant SERVE_ARGS="--lq-chunk $c" TAG=-c$c \
+        scripts/benchmarks-cuda.sh serve
+    done
     for f in /tmp/res/w${load%:*}-g${load#*:}/serve/*.txt; do tail -1 "$f"; done
     grep -h "engine seconds" /tmp/res/w${load%:*}-g${load#*:}/serve/*-load.log
     pack

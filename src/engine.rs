@@ -9,16 +9,22 @@ use crate::kvconfig::{Centering, KvConfig};
 use crate::llama::{self, Context, ContextParams, FlashAttn, LlamaError, Model, ModelParams};
 use crate::session::Session;
 
-/// The largest micro-batch of a two-tier context. Every token written needs an overlay
-/// slot until the policy runs after the decode, so the overlay holds the budget plus
-/// one micro-batch: 64 keeps that under 0.5 bits per value at 16384 tokens with the
-/// default budget, at little cost to prompt speed on a CPU.
-pub const TWO_TIER_MAX_UBATCH: u32 = 64;
+/// The default chunk of a two-tier context: the most tokens of one sequence per decode
+/// call ([`ContextConfig::two_tier_chunk`]). Every token written needs an overlay slot
+/// until the policy runs after the decode, so the overlay holds the budget plus one
+/// chunk: 64 keeps that under 0.5 bits per value at 16384 tokens with the default
+/// budget, at little cost to prompt speed on a CPU.
+pub const TWO_TIER_CHUNK: u32 = 64;
+
+/// The largest chunk a two-tier context takes (`--lq-chunk`): beyond it the overlay
+/// outgrows a 2-bit store of most contexts.
+pub const TWO_TIER_CHUNK_MAX: u32 = 2048;
 
 /// The sizes of a two-tier context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TwoTierSizes {
-    /// The most tokens of one sequence in one decode call (the policy runs after each).
+    /// The most tokens of one sequence in one decode call (the policy runs after each):
+    /// the micro-batch, within [`ContextConfig::two_tier_chunk`].
     pub per_seq: u32,
     /// Overlay slots per stream: the budget plus `per_seq`.
     pub slots: u32,
@@ -90,6 +96,10 @@ pub struct ContextConfig {
     /// prompts of many sequences prefill together, in micro-batches as wide as a stock
     /// cache's; the compute buffers grow with it (the memory plan counts them).
     pub two_tier_batch: u32,
+    /// Two-tier contexts: the most tokens of one sequence per decode call (`--lq-chunk`,
+    /// 1..=[`TWO_TIER_CHUNK_MAX`]). Each costs an f16 overlay slot in every sequence's
+    /// stream, so a wider chunk prefills in fewer, wider calls in more memory.
+    pub two_tier_chunk: u32,
 }
 
 impl ContextConfig {
@@ -120,6 +130,7 @@ impl ContextConfig {
             kv: KvConfig::F16,
             flash_attn: FlashAttn::Auto,
             two_tier_batch: 0,
+            two_tier_chunk: TWO_TIER_CHUNK,
         }
     }
 }
@@ -156,7 +167,7 @@ impl LoadedModel {
     /// How a two-tier context is sized (None for a single-tier cache).
     pub fn two_tier_sizes(cfg: &ContextConfig) -> Option<TwoTierSizes> {
         let policy = cfg.kv.policy?;
-        let per_seq = cfg.n_ubatch.min(cfg.n_batch).clamp(1, TWO_TIER_MAX_UBATCH);
+        let per_seq = cfg.n_ubatch.min(cfg.n_batch).clamp(1, cfg.two_tier_chunk.max(1));
         // D = 0 is q2 through the two-tier kernels: no slot, not even for new tokens.
         let budget = policy.dense_budget();
         let one = per_seq.max(cfg.n_seq);
@@ -247,6 +258,12 @@ impl LoadedModel {
         let gpu = self.cache_gpu_free();
         if !self.params.no_alloc {
             check_lq2_placement(cfg.kv, gpu.is_some())?;
+        }
+        if cfg.kv.policy.is_some() && !(1..=TWO_TIER_CHUNK_MAX).contains(&cfg.two_tier_chunk) {
+            return Err(EngineError::Input(format!(
+                "--lq-chunk must be within 1..={TWO_TIER_CHUNK_MAX}, not {}",
+                cfg.two_tier_chunk
+            )));
         }
         if cfg.n_batch == 0 || cfg.n_ubatch == 0 || cfg.n_seq == 0 {
             return Err(EngineError::Input(

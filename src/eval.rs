@@ -111,11 +111,10 @@ pub fn evaluate(
     if opts.step == 0 || opts.step > MAX_STEP {
         return Err(EngineError::Input(format!("--step must be within 1..={MAX_STEP}, not {}", opts.step)));
     }
-    if opts.step > crate::engine::TWO_TIER_MAX_UBATCH as usize && configs.iter().any(|c| c.policy.is_some()) {
+    let chunk = opts.context.two_tier_chunk;
+    if opts.step > chunk as usize && configs.iter().any(|c| c.policy.is_some()) {
         return Err(EngineError::Input(format!(
-            "the two-tier cache takes at most {} tokens of a sequence per decode; use --step {} or less",
-            crate::engine::TWO_TIER_MAX_UBATCH,
-            crate::engine::TWO_TIER_MAX_UBATCH
+            "the two-tier cache takes at most {chunk} tokens of a sequence per decode (--lq-chunk); use --step {chunk} or less, or a wider --lq-chunk"
         )));
     }
     let make = |kv: KvConfig| -> Result<Track, EngineError> {

@@ -91,6 +91,10 @@ struct ServeArgs {
     /// Tokens per micro-batch: larger prefills faster, smaller leaves memory for more sequences.
     #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
     ubatch_size: u32,
+    /// Two-tier caches: the most tokens of one sequence per decode call. Each costs an f16
+    /// overlay slot per sequence: wider prefills in fewer calls, in more memory.
+    #[arg(long = "lq-chunk", default_value_t = engine::TWO_TIER_CHUNK)]
+    lq_chunk: u32,
     /// Show llama.cpp's own log on stderr.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
@@ -137,6 +141,10 @@ struct MeasureArgs {
     /// Layers to offload to the GPU (-1 = all); ignored by a CPU-only build.
     #[arg(long = "gpu-layers", visible_alias = "ngl", default_value_t = -1, allow_negative_numbers = true)]
     gpu_layers: i32,
+    /// Two-tier caches: the most tokens of one sequence per decode call. Each costs an f16
+    /// overlay slot per sequence: wider prefills in fewer calls, in more memory.
+    #[arg(long = "lq-chunk", default_value_t = engine::TWO_TIER_CHUNK)]
+    lq_chunk: u32,
     /// Also write the results as JSON to FILE ("-" for stdout, replacing the table).
     #[arg(long = "json")]
     json: Option<PathBuf>,
@@ -158,6 +166,7 @@ impl MeasureArgs {
         let mut cfg = ContextConfig::new(0);
         cfg.threads = self.threads.unwrap_or_else(engine::default_threads);
         cfg.flash_attn = flash_attn(self.flash_attn);
+        cfg.two_tier_chunk = self.lq_chunk;
         cfg
     }
 
@@ -285,6 +294,10 @@ struct ContextArgs {
     /// Physical batch size: the most tokens computed at once.
     #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
     ubatch_size: u32,
+    /// Two-tier caches: the most tokens of one sequence per decode call. Each costs an f16
+    /// overlay slot per sequence: wider prefills in fewer calls, in more memory.
+    #[arg(long = "lq-chunk", default_value_t = engine::TWO_TIER_CHUNK)]
+    lq_chunk: u32,
     /// KV cache type for K (one of f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1, lq2, lq3).
     #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = parse_cache_type)]
     cache_type_k: KvCacheType,
@@ -328,6 +341,7 @@ impl ContextArgs {
         let mut cfg = ContextConfig::new(self.ctx_size.unwrap_or(DEFAULT_CTX.min(model.info.n_ctx_train)));
         cfg.n_batch = self.batch_size;
         cfg.n_ubatch = self.ubatch_size;
+        cfg.two_tier_chunk = self.lq_chunk;
         cfg.threads = self.threads.unwrap_or_else(engine::default_threads);
         cfg.kv = KvConfig::new(self.cache_type_k, self.cache_type_v);
         cfg.flash_attn = flash_attn(self.flash_attn);
@@ -445,6 +459,7 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
         threads: args.threads.unwrap_or_else(engine::default_threads),
         flash_attn: flash_attn(args.flash_attn),
         ubatch: args.ubatch_size,
+        chunk: args.lq_chunk,
     };
     serve::serve(&opts, |s| {
         eprintln!(

@@ -472,9 +472,27 @@ fn the_kv_bytes_llama_allocates_match_the_prediction_with_the_overlay() {
         assert_eq!(ctx.memory().kv_bytes() as u64, predicted, "{kv} x {n_seq}");
         let stats = ctx.overlay().unwrap();
         let budget = cfg.kv.policy.unwrap().dense_budget();
-        let want = if budget == 0 { 0 } else { budget + engine::TWO_TIER_MAX_UBATCH };
+        let want = if budget == 0 { 0 } else { budget + engine::TWO_TIER_CHUNK };
         assert_eq!(stats.slots_per_stream, want);
     }
+    // A wider chunk: one slot more per token of it, counted by the prediction too, and a
+    // decode of that many tokens of one sequence is taken.
+    let mut cfg = ContextConfig::new(1024);
+    cfg.kv = KvConfig::parse("logquant:D=64").unwrap();
+    cfg.two_tier_chunk = 200;
+    let mut ctx = model.new_context(&cfg).unwrap();
+    assert_eq!(ctx.memory().kv_bytes() as u64, model.kv_bytes(&cfg, 1024).unwrap());
+    assert_eq!(ctx.overlay().unwrap().slots_per_stream, cfg.kv.policy.unwrap().dense_budget() + 200);
+    assert_eq!(ctx.max_tokens_per_sequence(), 200);
+    let mut batch = Batch::new(200).unwrap();
+    for p in 0..200 {
+        batch.add(1 + p % 50, p, 0, p == 199).unwrap();
+    }
+    ctx.decode(&batch).unwrap();
+    assert_eq!(ctx.retention(0).unwrap().len(), 200);
+    cfg.two_tier_chunk = engine::TWO_TIER_CHUNK_MAX + 1;
+    let e = model.new_context(&cfg).err().unwrap().to_string();
+    assert!(e.contains("--lq-chunk must be within"), "{e}");
 }
 
 #[test]

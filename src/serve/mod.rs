@@ -58,9 +58,12 @@ pub struct ServeOptions {
     pub threads: i32,
     pub flash_attn: FlashAttn,
     /// Tokens per micro-batch (llama.cpp's n_ubatch; for the two-tier cache, over all
-    /// sequences, at most 64 of each): larger prefills faster, smaller leaves more memory
+    /// sequences, at most `chunk` of each): larger prefills faster, smaller leaves more memory
     /// for sequences (the compute buffers grow with it).
     pub ubatch: u32,
+    /// Two-tier caches: the most prompt tokens of one sequence per decode call
+    /// (`ContextConfig::two_tier_chunk`).
+    pub chunk: u32,
 }
 
 /// What the server found at startup (the line it prints says it too).
@@ -94,6 +97,7 @@ pub fn serve(opts: &ServeOptions, on_start: impl FnOnce(&Startup)) -> Result<(),
     }
     cfg.n_ubatch = opts.ubatch;
     cfg.two_tier_batch = opts.ubatch;
+    cfg.two_tier_chunk = opts.chunk;
     let (parallel, why) = match opts.capacity {
         Capacity::Parallel(n) if n == 0 || n > LLAMA_MAX_SEQ => {
             return Err(ServeError::Setup(format!("--parallel must be within 1..={LLAMA_MAX_SEQ}, not {n}")));
