@@ -304,7 +304,9 @@ impl LoadedModel {
             ctx.enable_overlay(sizes.slots, cfg.kv.center, cfg.kv.keys_by_channel)?;
         }
         let policy = cfg.kv.policy.expect("two-tier sizes imply a policy");
-        Ok(Session::two_tier(ctx, policy, sizes.per_seq, cfg.kv.swa_recent))
+        // swa=recent changes nothing on a model without sliding-window layers
+        let swa_recent = cfg.kv.swa_recent && self.info.sliding_window > 0;
+        Ok(Session::two_tier(ctx, policy, sizes.per_seq, swa_recent, cfg.kv.keys_by_channel))
     }
 }
 

@@ -29,6 +29,12 @@ pub struct Session<'m> {
     swa_recent: bool,
     /// Wall time in [`Session::decode`]'s two parts, summed over its calls.
     times: DecodeTimes,
+    /// Per sequence: the positions last pushed into the cache as its full-precision set
+    /// (None: push at the next decode). A decode that only appends its new tokens to that
+    /// set demotes nothing, and its push is skipped (see `apply_policy`).
+    pushed: Vec<Option<Vec<i32>>>,
+    /// Keys by channel: the cache codes complete groups at every push, so none is skipped.
+    push_every_call: bool,
 }
 
 /// Where [`Session::decode`]'s wall time goes, summed over calls: llama.cpp's
@@ -45,15 +51,30 @@ impl<'m> Session<'m> {
     /// A single-tier context: llama.cpp's cache types, or q2.
     pub fn plain(ctx: Context<'m>) -> Session<'m> {
         let max_per_seq = ctx.n_batch();
-        Session { ctx, retention: None, max_per_seq, swa_recent: false, times: DecodeTimes::default() }
+        Session {
+            ctx,
+            retention: None,
+            max_per_seq,
+            swa_recent: false,
+            times: DecodeTimes::default(),
+            pushed: Vec::new(),
+            push_every_call: false,
+        }
     }
 
     /// A context whose overlay is already enabled, run by `policy` on each sequence,
     /// taking at most `max_per_seq` tokens of one sequence per decode call (the overlay
     /// holds the budget plus that many).
     /// With `swa_recent`, the cache of sliding-window layers keeps the newest D tokens
-    /// of each sequence instead (where the model has such layers).
-    pub fn two_tier(ctx: Context<'m>, policy: Policy, max_per_seq: u32, swa_recent: bool) -> Session<'m> {
+    /// of each sequence instead (where the model has such layers). `keys_by_channel`: the
+    /// cache holds keys by channel (KvConfig::keys_by_channel).
+    pub fn two_tier(
+        ctx: Context<'m>,
+        policy: Policy,
+        max_per_seq: u32,
+        swa_recent: bool,
+        keys_by_channel: bool,
+    ) -> Session<'m> {
         let n = ctx.n_seq_max() as usize;
         Session {
             ctx,
@@ -61,6 +82,8 @@ impl<'m> Session<'m> {
             max_per_seq,
             swa_recent,
             times: DecodeTimes::default(),
+            pushed: vec![None; n],
+            push_every_call: keys_by_channel || swa_recent,
         }
     }
 
@@ -119,6 +142,14 @@ impl<'m> Session<'m> {
         // here costs nothing and puts the GPU's time where it belongs.
         self.ctx.synchronize();
         self.times.llama_decode += t.elapsed();
+        if decoded.is_err() {
+            // what the cache holds of the batch's sequences is not known: push them next
+            for i in 0..batch.len() {
+                if let Some(p) = usize::try_from(batch.seq_of(i)).ok().and_then(|s| self.pushed.get_mut(s)) {
+                    *p = None;
+                }
+            }
+        }
         decoded?;
         let t = Instant::now();
         let applied = self.apply_policy(batch);
@@ -137,14 +168,33 @@ impl<'m> Session<'m> {
         let Some(ret) = &mut self.retention else {
             return Ok(());
         };
-        let mut touched = vec![false; ret.len()];
+        // Each touched sequence's length before this decode.
+        let mut before: Vec<Option<Pos>> = vec![None; ret.len()];
         for i in 0..batch.len() {
             let seq = batch.seq_of(i) as usize;
+            before[seq].get_or_insert(ret[seq].len());
             ret[seq].decode();
-            touched[seq] = true;
         }
-        for (seq, r) in ret.iter().enumerate().filter(|(s, _)| touched[*s]) {
+        for (seq, r) in ret.iter().enumerate() {
+            let Some(from) = before[seq] else { continue };
             let kept: Vec<i32> = r.full_precision().into_iter().map(|p| p as i32).collect();
+            // The cache frees the slots of every token not listed: when the list is the
+            // last one pushed plus all of this decode's tokens, there is nothing to free
+            // (most steps of a LogQuant sequence). Not skipped: a sequence shorter than
+            // LOGQUANT_CENTER_TOKENS before this decode (a centering cache freezes its
+            // offsets in the push that reaches them), and keys by channel (above).
+            let unchanged = !self.push_every_call
+                && from >= crate::llama::CENTER_TOKENS as Pos
+                && self.pushed[seq].as_ref().is_some_and(|prev| {
+                    kept.len() == prev.len() + (r.len() - from) as usize
+                        && kept.starts_with(prev)
+                        && kept[prev.len()..].iter().zip(from..).all(|(&k, p)| k as Pos == p)
+                });
+            if unchanged {
+                self.pushed[seq] = Some(kept);
+                continue;
+            }
+            self.pushed[seq] = None; // until the push below succeeds
             if self.swa_recent {
                 // A layer that sees only a window of recent tokens gains nothing from
                 // older ones: there the same slots hold the newest D.
@@ -155,6 +205,7 @@ impl<'m> Session<'m> {
             } else {
                 self.ctx.set_full_precision(seq as i32, &kept)?;
             }
+            self.pushed[seq] = Some(kept);
         }
         Ok(())
     }
@@ -175,6 +226,7 @@ impl<'m> Session<'m> {
                 "the two-tier cache can remove the tail of a sequence, not positions in its middle".into(),
             ));
         }
+        self.pushed[seq as usize] = None;
         let removed = self.ctx.remove(seq, p0, -1)?;
         let kept: Vec<Pos> = self.ctx.full_precision(seq)?.into_iter().map(|p| p as Pos).collect();
         if let Some(ret) = &mut self.retention {
@@ -188,6 +240,7 @@ impl<'m> Session<'m> {
         self.ctx.copy_sequence(src, dst)?;
         if let Some(ret) = &mut self.retention {
             ret[dst as usize] = ret[src as usize].clone();
+            self.pushed[dst as usize] = None;
         }
         Ok(())
     }
@@ -199,6 +252,7 @@ impl<'m> Session<'m> {
             for r in ret.iter_mut() {
                 *r = Retention::new(r.policy());
             }
+            self.pushed.fill(None);
         }
     }
 }

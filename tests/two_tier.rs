@@ -724,3 +724,53 @@ fn hold_the_reference_values_and_survive_a_rollback(kv: &str, k_format: Format) 
     assert!(ctx.read_key(0, 0, demoted[0], false).is_err());
     assert!(ctx.read_key(0, 0, 500, true).is_err());
 }
+
+/// A decode that only appends its tokens to a sequence's kept set skips the push into
+/// the cache (Session::apply_policy): the cache must still hold exactly the policy's set
+/// after every step, through demotions, a rollback, a cleared sequence and two
+/// sequences at once, with centering's freeze on the way.
+#[test]
+fn the_cache_holds_the_policys_set_when_pushes_are_skipped() {
+    let model = tiny();
+    for kv in ["logquant:D=24", "logquant:D=24:center=none", "streaming:D=20", "kivi:D=20"] {
+        let mut ctx = context(&model, kv, 1024, 2, 16);
+        let mut batch = Batch::new(16).unwrap();
+        let mut len = [0i32; 2];
+        let check = |ctx: &mut Session, what: &str| {
+            for seq in 0..2 {
+                let want: Vec<i32> =
+                    ctx.retention(seq).unwrap().full_precision().into_iter().map(|p| p as i32).collect();
+                assert_eq!(ctx.full_precision(seq).unwrap(), want, "{kv}, sequence {seq}, {what}");
+            }
+        };
+        for step in 0..160 {
+            batch.clear();
+            // sequence 0: a 16-token prompt, then one token a step; sequence 1 joins later
+            // with chunks of 5, is rolled back at step 90 and cleared at step 120
+            let n0 = if step == 0 { 16 } else { 1 };
+            for _ in 0..n0 {
+                batch.add(1 + len[0] % 50, len[0], 0, false).unwrap();
+                len[0] += 1;
+            }
+            if step >= 10 {
+                let n1 = if step % 7 == 0 { 5 } else { 1 };
+                for _ in 0..n1 {
+                    batch.add(1 + len[1] % 40, len[1], 1, false).unwrap();
+                    len[1] += 1;
+                }
+            }
+            ctx.decode(&batch).unwrap();
+            check(&mut ctx, &format!("step {step}"));
+            if step == 90 {
+                len[1] -= 7;
+                ctx.remove(1, len[1], -1).unwrap();
+                check(&mut ctx, "after the rollback");
+            }
+            if step == 120 {
+                ctx.remove(1, 0, -1).unwrap();
+                len[1] = 0;
+                check(&mut ctx, "after clearing sequence 1");
+            }
+        }
+    }
+}
