@@ -91,8 +91,9 @@ struct ServeArgs {
     /// Tokens per micro-batch: larger prefills faster, smaller leaves memory for more sequences.
     #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
     ubatch_size: u32,
-    /// Two-tier caches: the most tokens of one sequence per decode call. Each costs an f16
-    /// overlay slot per sequence: wider prefills in fewer calls, in more memory.
+    /// Two-tier caches: the most tokens of one sequence per decode call (at most the
+    /// micro-batch, --ubatch-size). Each costs an f16 overlay slot per sequence: wider
+    /// prefills in fewer calls, in more memory.
     #[arg(long = "lq-chunk", default_value_t = engine::TWO_TIER_CHUNK)]
     lq_chunk: u32,
     /// Show llama.cpp's own log on stderr.
@@ -141,8 +142,9 @@ struct MeasureArgs {
     /// Layers to offload to the GPU (-1 = all); ignored by a CPU-only build.
     #[arg(long = "gpu-layers", visible_alias = "ngl", default_value_t = -1, allow_negative_numbers = true)]
     gpu_layers: i32,
-    /// Two-tier caches: the most tokens of one sequence per decode call. Each costs an f16
-    /// overlay slot per sequence: wider prefills in fewer calls, in more memory.
+    /// Two-tier caches: the most tokens of one sequence per decode call (at most the
+    /// micro-batch, --ubatch-size). Each costs an f16 overlay slot per sequence: wider
+    /// prefills in fewer calls, in more memory.
     #[arg(long = "lq-chunk", default_value_t = engine::TWO_TIER_CHUNK)]
     lq_chunk: u32,
     /// Also write the results as JSON to FILE ("-" for stdout, replacing the table).
@@ -294,8 +296,9 @@ struct ContextArgs {
     /// Physical batch size: the most tokens computed at once.
     #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
     ubatch_size: u32,
-    /// Two-tier caches: the most tokens of one sequence per decode call. Each costs an f16
-    /// overlay slot per sequence: wider prefills in fewer calls, in more memory.
+    /// Two-tier caches: the most tokens of one sequence per decode call (at most the
+    /// micro-batch, --ubatch-size). Each costs an f16 overlay slot per sequence: wider
+    /// prefills in fewer calls, in more memory.
     #[arg(long = "lq-chunk", default_value_t = engine::TWO_TIER_CHUNK)]
     lq_chunk: u32,
     /// KV cache type for K (one of f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1, lq2, lq3).

@@ -33,7 +33,8 @@ pub struct Session<'m> {
     /// (None: push at the next decode). A decode that only appends its new tokens to that
     /// set demotes nothing, and its push is skipped (see `apply_policy`).
     pushed: Vec<Option<Vec<i32>>>,
-    /// Keys by channel: the cache codes complete groups at every push, so none is skipped.
+    /// No push is skipped: keys by channel (the cache codes complete groups at every
+    /// push) and swa=recent (the sliding-window layers' newest D change at every step).
     push_every_call: bool,
 }
 
@@ -175,6 +176,10 @@ impl<'m> Session<'m> {
             before[seq].get_or_insert(ret[seq].len());
             ret[seq].decode();
         }
+        // Until its push succeeds a touched sequence's pushed set is unknown (an error
+        // below returns before the later sequences are pushed).
+        let mut last: Vec<Option<Vec<i32>>> =
+            before.iter().zip(self.pushed.iter_mut()).map(|(b, p)| if b.is_some() { p.take() } else { None }).collect();
         for (seq, r) in ret.iter().enumerate() {
             let Some(from) = before[seq] else { continue };
             let kept: Vec<i32> = r.full_precision().into_iter().map(|p| p as i32).collect();
@@ -182,19 +187,19 @@ impl<'m> Session<'m> {
             // last one pushed plus all of this decode's tokens, there is nothing to free
             // (most steps of a LogQuant sequence). Not skipped: a sequence shorter than
             // LOGQUANT_CENTER_TOKENS before this decode (a centering cache freezes its
-            // offsets in the push that reaches them), and keys by channel (above).
+            // offsets in the push that reaches them; kept simple: with or without
+            // centering), keys by channel and swa=recent (`push_every_call`).
             let unchanged = !self.push_every_call
                 && from >= crate::llama::CENTER_TOKENS as Pos
-                && self.pushed[seq].as_ref().is_some_and(|prev| {
+                && last[seq].take().is_some_and(|prev| {
                     kept.len() == prev.len() + (r.len() - from) as usize
-                        && kept.starts_with(prev)
+                        && kept.starts_with(&prev)
                         && kept[prev.len()..].iter().zip(from..).all(|(&k, p)| k as Pos == p)
                 });
             if unchanged {
                 self.pushed[seq] = Some(kept);
                 continue;
             }
-            self.pushed[seq] = None; // until the push below succeeds
             if self.swa_recent {
                 // A layer that sees only a window of recent tokens gains nothing from
                 // older ones: there the same slots hold the newest D.

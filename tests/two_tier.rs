@@ -774,3 +774,30 @@ fn the_cache_holds_the_policys_set_when_pushes_are_skipped() {
         }
     }
 }
+
+/// The same steps with a push after every decode (as before pushes were skipped) give
+/// the same logits, bit for bit.
+#[test]
+fn skipping_pushes_changes_no_logit() {
+    let model = tiny();
+    for kv in ["logquant:D=24", "logquant:D=24:center=none"] {
+        let mut skipped = context(&model, kv, 512, 1, 16);
+        let mut pushed = context(&model, kv, 512, 1, 16);
+        let mut batch = Batch::new(16).unwrap();
+        let mut len = 0i32;
+        for step in 0..120 {
+            batch.clear();
+            let n = if step == 0 { 16 } else { 1 };
+            for j in 0..n {
+                batch.add(1 + (len * 7) % 50, len, 0, j == n - 1).unwrap();
+                len += 1;
+            }
+            skipped.decode(&batch).unwrap();
+            pushed.decode(&batch).unwrap();
+            let kept: Vec<i32> = pushed.retention(0).unwrap().full_precision().into_iter().map(|p| p as i32).collect();
+            pushed.set_full_precision(0, &kept).unwrap();
+            let (a, b) = (skipped.logits(n - 1).unwrap().to_vec(), pushed.logits(n - 1).unwrap().to_vec());
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{kv}: step {step}");
+        }
+    }
+}

@@ -125,7 +125,8 @@ pub fn serve(opts: &ServeOptions, on_start: impl FnOnce(&Startup)) -> Result<(),
     // then: a first chunk of that many keeps that work to 16 tokens (not a whole
     // chunk of 64 or more) and the offsets those of a prompt's first 16 tokens, as `eval`
     // takes them.
-    let prefill_chunk = 512;
+    // (a two-tier sequence takes at most its chunk per call: a wider --lq-chunk widens it)
+    let prefill_chunk = 512.max(opts.chunk as usize);
     let centering = cfg.kv.policy.is_some() && cfg.kv.center != Centering::NONE;
     let layout = scheduler::Layout {
         parallel: parallel as usize,
