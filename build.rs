@@ -260,6 +260,7 @@ fn source_units(tree: &Path, backend: Backend, target_arch: &str) -> Vec<Unit> {
             fail(&format!("target architecture {other} is not supported by logquant's build (x86_64 and aarch64 are)"))
         }
     }
+    check_unlisted(tree, &rel, target_arch);
     // llama: every .cpp of src/ and src/models/, including the logquant-*.cpp overlay.
     for dir in ["src", "src/models"] {
         let mut names: Vec<String> = fs::read_dir(tree.join(dir))
@@ -290,6 +291,42 @@ fn source_units(tree: &Path, backend: Backend, target_arch: &str) -> Vec<Unit> {
             Unit { lang, path: PathBuf::from(r) }
         })
         .collect()
+}
+
+/// Sources of ggml's CPU build that are deliberately not compiled, with why.
+const NOT_BUILT: [(&str, &str); 2] = [
+    ("ggml/src/ggml-cpu/arch/x86/cpu-feats.cpp", "CPU-variant detection of GGML_CPU_ALL_VARIANTS builds"),
+    ("ggml/src/ggml-cpu/arch/arm/cpu-feats.cpp", "CPU-variant detection of GGML_CPU_ALL_VARIANTS builds"),
+];
+
+/// ggml's base and CPU sources are listed by hand (as its CMakeLists.txt picks them): a
+/// newer llama.cpp that adds one would fail at link time with undefined symbols. Fail
+/// here instead, naming the file, unless it is listed or in NOT_BUILT.
+fn check_unlisted(tree: &Path, listed: &[String], target_arch: &str) {
+    let arch = if target_arch == "x86_64" { "x86" } else { "arm" };
+    let dirs = [
+        "ggml/src".to_string(),
+        "ggml/src/ggml-cpu".into(),
+        "ggml/src/ggml-cpu/amx".into(),
+        "ggml/src/ggml-cpu/tiled".into(),
+        "ggml/src/ggml-cpu/llamafile".into(),
+        format!("ggml/src/ggml-cpu/arch/{arch}"),
+    ];
+    for dir in dirs {
+        let Ok(entries) = fs::read_dir(tree.join(&dir)) else { continue };
+        for e in entries.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !(name.ends_with(".c") || name.ends_with(".cpp")) {
+                continue;
+            }
+            let rel = format!("{dir}/{name}");
+            if !listed.contains(&rel) && !NOT_BUILT.iter().any(|(f, _)| *f == rel) {
+                fail(&format!(
+                    "{rel} is in the vendored llama.cpp but neither compiled nor in NOT_BUILT (build.rs, source_units): add it to one of them as ggml's CMakeLists.txt decides"
+                ));
+            }
+        }
+    }
 }
 
 /// The flash-attention K-V type pairs whose vector kernels are compiled: llama.cpp's
