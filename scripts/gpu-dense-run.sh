@@ -41,6 +41,10 @@ chunk|all)
   for a in "--kv f16" "--kv f16 --ub 64" "--kv logquant --lq-chunk 64" "--kv logquant --lq-chunk 256" "--kv logquant --lq-chunk 512"; do
     echo "== $a"; $C $a 2>/dev/null | tail -1
   done | tee /tmp/res/chunk-bench.txt
+  # the server's prefill shape: 8 prompts of 512 tokens fed together (64 each per call
+  # for logquant, one whole prompt per call for f16)
+  target/run/lq bench -m $M --ngl 99 --kv f16,logquant --depth 512 --batch 1 --gen 8 --reps 2 --prefill 512 \
+    --prefill-seqs 8 2>/dev/null | tee /tmp/res/prefill-seqs.txt
   pack
   ;;&
 serve|all)

@@ -24,6 +24,9 @@ pub struct BenchOptions {
     pub gen: usize,
     /// Tokens of the prefill measurement.
     pub prefill: usize,
+    /// Sequences of the second prefill measurement (fed together, as a server feeds
+    /// prompts); 1: none.
+    pub prefill_seqs: usize,
     /// Timed repetitions (after one untimed warm-up).
     pub reps: usize,
     pub context: ContextConfig,
@@ -59,6 +62,9 @@ pub struct BenchRow {
     pub batch: usize,
     /// Prompt processing, tokens per second.
     pub prefill_tps: Stat,
+    /// Prompt processing of `prefill_seqs` sequences at once, tokens per second summed
+    /// over them (None without that measurement).
+    pub prefill_seqs_tps: Option<Stat>,
     /// Decode, tokens per second summed over the batch.
     pub decode_tps: Stat,
     /// Decode, tokens per second of one sequence.
@@ -119,12 +125,49 @@ fn fill(ctx: &mut Session, batch: &mut Batch, tokens: &[Token], seq: i32, start:
     Ok(())
 }
 
+/// Prefill of sequences 0..n, each `tokens` from empty, fed together as the server
+/// feeds prompts: calls of at most one micro-batch, each sequence a chunk of at most
+/// the context's tokens per sequence per call (the two-tier cache's chunk; f16 takes a
+/// whole micro-batch of one prompt). Tokens per second over all of them, per timed
+/// repetition (after a warm-up); leaves the context empty.
+fn prefill_together(ctx: &mut Session, tokens: &[Token], n: usize, reps: usize) -> Result<Vec<f64>, EngineError> {
+    let call = (ctx.n_ubatch() as usize).min(ctx.n_batch() as usize);
+    let chunk = ctx.max_tokens_per_sequence().min(call);
+    let mut batch = Batch::new(call)?;
+    let mut rates = Vec::new();
+    for rep in 0..=reps {
+        ctx.clear();
+        let mut fed = vec![0usize; n];
+        let t = Instant::now();
+        while fed.iter().any(|&f| f < tokens.len()) {
+            batch.clear();
+            for (s, f) in fed.iter_mut().enumerate() {
+                let take = (tokens.len() - *f).min(chunk);
+                if take == 0 || batch.len() + take > call {
+                    continue;
+                }
+                for pos in *f..*f + take {
+                    batch.add(tokens[pos], pos as i32, s as i32, pos + 1 == tokens.len())?;
+                }
+                *f += take;
+            }
+            ctx.decode(&batch)?;
+        }
+        ctx.synchronize();
+        if rep > 0 {
+            rates.push((tokens.len() * n) as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    ctx.clear();
+    Ok(rates)
+}
+
 pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) -> Result<Vec<BenchRow>, EngineError> {
     if opts.configs.is_empty() || opts.depths.is_empty() || opts.batches.is_empty() {
         return Err(EngineError::Input("give at least one --kv, --depth and --batch".into()));
     }
-    if opts.gen == 0 || opts.reps == 0 || opts.batches.contains(&0) {
-        return Err(EngineError::Input("--gen, --reps and every --batch must be at least 1".into()));
+    if opts.gen == 0 || opts.reps == 0 || opts.prefill_seqs == 0 || opts.batches.contains(&0) {
+        return Err(EngineError::Input("--gen, --reps, --prefill-seqs and every --batch must be at least 1".into()));
     }
     // refused configurations fail before any is measured
     let on_gpu = model.cache_gpu_free().is_some();
@@ -147,10 +190,14 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
             }
             let mut cfg = opts.context.clone();
             cfg.kv = kv;
-            cfg.n_seq = max_batch as u32;
-            cfg.n_ctx = u32::try_from(per_seq * max_batch).map_err(|_| {
-                EngineError::Input(format!("{max_batch} sequences of {per_seq} tokens are too many cells"))
-            })?;
+            let n_seq = max_batch.max(opts.prefill_seqs);
+            cfg.n_seq = n_seq as u32;
+            if opts.prefill_seqs > 1 {
+                // as the server: a two-tier call may carry a chunk of several sequences
+                cfg.two_tier_batch = cfg.n_ubatch;
+            }
+            cfg.n_ctx = u32::try_from(per_seq * n_seq)
+                .map_err(|_| EngineError::Input(format!("{n_seq} sequences of {per_seq} tokens are too many cells")))?;
             let mut ctx = model.new_context(&cfg)?;
             let kv_bytes = ctx.memory().kv_bytes();
             let overlay_bytes = ctx.overlay().map_or(0, |o| o.bytes);
@@ -171,6 +218,11 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
                 }
             }
             ctx.clear();
+            let prefill_seqs = if opts.prefill_seqs > 1 {
+                Some(Stat::of(&prefill_together(&mut ctx, &prefill_tokens, opts.prefill_seqs, opts.reps)?))
+            } else {
+                None
+            };
 
             // Fill sequence 0 to the depth and copy it into the others (the copy moves
             // the cache data at the next decode; speed does not depend on the tokens).
@@ -210,6 +262,7 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
                     depth,
                     batch: b,
                     prefill_tps: Stat::of(&prefill),
+                    prefill_seqs_tps: prefill_seqs,
                     decode_tps: Stat::of(&tps),
                     decode_tps_per_seq: Stat::of(&per_seq),
                     ms_per_step: Stat::of(&ms_per_step),

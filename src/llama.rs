@@ -517,6 +517,11 @@ impl<'m> Context<'m> {
         self.n_batch
     }
 
+    /// The micro-batch: the most tokens llama.cpp computes at once.
+    pub fn n_ubatch(&self) -> u32 {
+        unsafe { ffi::llama_n_ubatch(self.ptr.as_ptr()) }
+    }
+
     pub fn n_seq_max(&self) -> u32 {
         self.n_seq_max
     }

@@ -251,6 +251,10 @@ struct BenchArgs {
     /// Tokens of the prefill measurement.
     #[arg(long = "prefill", default_value_t = 512)]
     prefill: usize,
+    /// Also prefill this many sequences of --prefill tokens at once, as `serve` feeds
+    /// prompts (calls of one micro-batch, each sequence a chunk).
+    #[arg(long = "prefill-seqs", default_value_t = 1)]
+    prefill_seqs: usize,
     /// Timed repetitions (after one warm-up).
     #[arg(long = "reps", default_value_t = 3)]
     reps: usize,
@@ -733,6 +737,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
         batches: args.batch.clone(),
         gen: args.gen,
         prefill: args.prefill,
+        prefill_seqs: args.prefill_seqs,
         reps: args.reps,
         context: template.clone(),
     };
@@ -757,11 +762,15 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
         "decode: {} steps x {} reps (median [min-max]); prefill: {} tokens from empty; ratios against f16 and the first listed ({})",
         args.gen, args.reps, args.prefill, report.rows[0].config
     );
-    let mut t = Table::new(&[
+    // the prefill of several sequences at once, a column only when measured
+    let together = format!("prefill x{} tok/s", args.prefill_seqs);
+    let many = args.prefill_seqs > 1;
+    let mut headers = vec![
         "cache",
         "depth",
         "batch",
         "prefill tok/s",
+        &together,
         "decode tok/s",
         "per seq tok/s",
         "ms/step",
@@ -771,7 +780,11 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
         "decode vs f16",
         "decode vs first",
         "KV vs f16",
-    ]);
+    ];
+    if !many {
+        headers.remove(4);
+    }
+    let mut t = Table::new(&headers);
     for r in &report.rows {
         let same = |c: &str| report.rows.iter().find(|o| o.config == c && o.depth == r.depth && o.batch == r.batch);
         let ratio = |other: Option<&bench::BenchRow>, f: &dyn Fn(&bench::BenchRow) -> f64| {
@@ -779,11 +792,12 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
         };
         let decode = |x: &bench::BenchRow| x.decode_tps.median;
         let kvb = |x: &bench::BenchRow| x.kv_bytes as f64;
-        t.row(vec![
+        let mut row = vec![
             r.config.clone(),
             r.depth.to_string(),
             r.batch.to_string(),
             format!("{:.1}", r.prefill_tps.median),
+            r.prefill_seqs_tps.map_or_else(|| "-".into(), |p| format!("{:.1}", p.median)),
             format!("{:.1} [{:.1}-{:.1}]", r.decode_tps.median, r.decode_tps.min, r.decode_tps.max),
             format!("{:.1}", r.decode_tps_per_seq.median),
             format!("{:.2}", r.ms_per_step.median),
@@ -793,7 +807,11 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             ratio(same("f16"), &decode),
             ratio(same(&report.rows[0].config), &decode),
             ratio(same("f16"), &kvb),
-        ]);
+        ];
+        if !many {
+            row.remove(4);
+        }
+        t.row(row);
     }
     print!("{}", t.render());
     Ok(())

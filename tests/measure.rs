@@ -135,6 +135,7 @@ fn bench_reports_the_kv_bytes_llama_cpp_allocates() {
         batches: vec![1, 2],
         gen: 4,
         prefill: 64,
+        prefill_seqs: 1,
         reps: 2,
         context: ContextConfig::new(0),
     };
@@ -308,4 +309,30 @@ fn passkey_task_runs_and_checks_its_input() {
         "4096",
     ]);
     assert_clean_failure(&out, "larger than the 2048");
+}
+
+#[test]
+fn bench_prefills_several_sequences_together_when_asked() {
+    let model = engine::load_model(&common::tiny_model(), &ModelParams::default()).unwrap();
+    let mut opts = BenchOptions {
+        configs: kv("f16,logquant:D=32"),
+        depths: vec![200],
+        batches: vec![1],
+        gen: 2,
+        prefill: 150,
+        prefill_seqs: 3,
+        reps: 1,
+        context: ContextConfig::new(0),
+    };
+    let rows = bench::run(&model, &opts, &mut Progress::hidden()).unwrap();
+    for r in &rows {
+        let p = r.prefill_seqs_tps.expect("measured");
+        assert!(p.median > 0.0, "{}", r.config);
+        // three sequences of 200 + 2 + 1 tokens
+        assert!(r.kv_cells >= 3 * 203, "{}: {} cells", r.config, r.kv_cells);
+    }
+    opts.prefill_seqs = 1;
+    assert!(bench::run(&model, &opts, &mut Progress::hidden()).unwrap().iter().all(|r| r.prefill_seqs_tps.is_none()));
+    opts.prefill_seqs = 0;
+    assert!(bench::run(&model, &opts, &mut Progress::hidden()).is_err());
 }
