@@ -240,6 +240,15 @@ impl<'m> Session<'m> {
         Ok(removed)
     }
 
+    /// Keeps only `positions` of `seq` in the overlay (Context::set_full_precision), past
+    /// the policy: the next decode pushes the policy's set again.
+    pub fn set_full_precision(&mut self, seq: i32, positions: &[i32]) -> Result<(), LlamaError> {
+        if let Some(p) = usize::try_from(seq).ok().and_then(|s| self.pushed.get_mut(s)) {
+            *p = None;
+        }
+        self.ctx.set_full_precision(seq, positions)
+    }
+
     /// Copies every token of `src` to `dst`, with its policy state.
     pub fn copy_sequence(&mut self, src: i32, dst: i32) -> Result<(), LlamaError> {
         self.ctx.copy_sequence(src, dst)?;
