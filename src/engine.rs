@@ -259,11 +259,8 @@ impl LoadedModel {
         if !self.params.no_alloc {
             check_lq2_placement(cfg.kv, gpu.is_some())?;
         }
-        if cfg.kv.policy.is_some() && !(1..=TWO_TIER_CHUNK_MAX).contains(&cfg.two_tier_chunk) {
-            return Err(EngineError::Input(format!(
-                "--lq-chunk must be within 1..={TWO_TIER_CHUNK_MAX}, not {}",
-                cfg.two_tier_chunk
-            )));
+        if cfg.kv.policy.is_some() {
+            check_two_tier_chunk(cfg.two_tier_chunk)?;
         }
         if cfg.n_batch == 0 || cfg.n_ubatch == 0 || cfg.n_seq == 0 {
             return Err(EngineError::Input(
@@ -308,6 +305,14 @@ impl LoadedModel {
         let swa_recent = cfg.kv.swa_recent && self.info.sliding_window > 0;
         Ok(Session::two_tier(ctx, policy, sizes.per_seq, swa_recent, cfg.kv.keys_by_channel))
     }
+}
+
+/// A two-tier chunk (`--lq-chunk`, ContextConfig::two_tier_chunk) within its range.
+pub fn check_two_tier_chunk(chunk: u32) -> Result<(), EngineError> {
+    if !(1..=TWO_TIER_CHUNK_MAX).contains(&chunk) {
+        return Err(EngineError::Input(format!("--lq-chunk must be within 1..={TWO_TIER_CHUNK_MAX}, not {chunk}")));
+    }
+    Ok(())
 }
 
 /// lq2 or lq3 as a single-tier cache (`q2`, or lq2/lq3 for K or V) goes through

@@ -112,12 +112,7 @@ pub fn evaluate(
         return Err(EngineError::Input(format!("--step must be within 1..={MAX_STEP}, not {}", opts.step)));
     }
     let chunk = opts.context.two_tier_chunk;
-    if !(1..=crate::engine::TWO_TIER_CHUNK_MAX).contains(&chunk) {
-        return Err(EngineError::Input(format!(
-            "--lq-chunk must be within 1..={}, not {chunk}",
-            crate::engine::TWO_TIER_CHUNK_MAX
-        )));
-    }
+    crate::engine::check_two_tier_chunk(chunk)?;
     if opts.step > chunk as usize && configs.iter().any(|c| c.policy.is_some()) {
         return Err(EngineError::Input(format!(
             "the two-tier cache takes at most {chunk} tokens of a sequence per decode (--lq-chunk); use --step {chunk} or less, or a wider --lq-chunk"

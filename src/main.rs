@@ -91,11 +91,8 @@ struct ServeArgs {
     /// Tokens per micro-batch: larger prefills faster, smaller leaves memory for more sequences.
     #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
     ubatch_size: u32,
-    /// Two-tier caches: the most tokens of one sequence per decode call (at most the
-    /// micro-batch, --ubatch-size). Each costs an f16 overlay slot per sequence: wider
-    /// prefills in fewer calls, in more memory.
-    #[arg(long = "lq-chunk", default_value_t = engine::TWO_TIER_CHUNK)]
-    lq_chunk: u32,
+    #[command(flatten)]
+    chunk: ChunkArg,
     /// Show llama.cpp's own log on stderr.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
@@ -124,6 +121,16 @@ enum SynthShape {
     Llama3_8b,
 }
 
+/// `--lq-chunk`, shared by every command that creates a two-tier context.
+#[derive(Args, Clone)]
+struct ChunkArg {
+    /// Two-tier caches: the most tokens of one sequence per decode call (at most the
+    /// micro-batch, --ubatch-size). Each costs an f16 overlay slot per sequence: wider
+    /// prefills in fewer calls, in more memory.
+    #[arg(long = "lq-chunk", default_value_t = engine::TWO_TIER_CHUNK)]
+    lq_chunk: u32,
+}
+
 /// Flags of the measuring commands, which create their own contexts.
 #[derive(Args, Clone)]
 struct MeasureArgs {
@@ -142,11 +149,8 @@ struct MeasureArgs {
     /// Layers to offload to the GPU (-1 = all); ignored by a CPU-only build.
     #[arg(long = "gpu-layers", visible_alias = "ngl", default_value_t = -1, allow_negative_numbers = true)]
     gpu_layers: i32,
-    /// Two-tier caches: the most tokens of one sequence per decode call (at most the
-    /// micro-batch, --ubatch-size). Each costs an f16 overlay slot per sequence: wider
-    /// prefills in fewer calls, in more memory.
-    #[arg(long = "lq-chunk", default_value_t = engine::TWO_TIER_CHUNK)]
-    lq_chunk: u32,
+    #[command(flatten)]
+    chunk: ChunkArg,
     /// Also write the results as JSON to FILE ("-" for stdout, replacing the table).
     #[arg(long = "json")]
     json: Option<PathBuf>,
@@ -168,7 +172,7 @@ impl MeasureArgs {
         let mut cfg = ContextConfig::new(0);
         cfg.threads = self.threads.unwrap_or_else(engine::default_threads);
         cfg.flash_attn = flash_attn(self.flash_attn);
-        cfg.two_tier_chunk = self.lq_chunk;
+        cfg.two_tier_chunk = self.chunk.lq_chunk;
         cfg
     }
 
@@ -300,11 +304,8 @@ struct ContextArgs {
     /// Physical batch size: the most tokens computed at once.
     #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
     ubatch_size: u32,
-    /// Two-tier caches: the most tokens of one sequence per decode call (at most the
-    /// micro-batch, --ubatch-size). Each costs an f16 overlay slot per sequence: wider
-    /// prefills in fewer calls, in more memory.
-    #[arg(long = "lq-chunk", default_value_t = engine::TWO_TIER_CHUNK)]
-    lq_chunk: u32,
+    #[command(flatten)]
+    chunk: ChunkArg,
     /// KV cache type for K (one of f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1, lq2, lq3).
     #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = parse_cache_type)]
     cache_type_k: KvCacheType,
@@ -348,7 +349,7 @@ impl ContextArgs {
         let mut cfg = ContextConfig::new(self.ctx_size.unwrap_or(DEFAULT_CTX.min(model.info.n_ctx_train)));
         cfg.n_batch = self.batch_size;
         cfg.n_ubatch = self.ubatch_size;
-        cfg.two_tier_chunk = self.lq_chunk;
+        cfg.two_tier_chunk = self.chunk.lq_chunk;
         cfg.threads = self.threads.unwrap_or_else(engine::default_threads);
         cfg.kv = KvConfig::new(self.cache_type_k, self.cache_type_v);
         cfg.flash_attn = flash_attn(self.flash_attn);
@@ -466,7 +467,7 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
         threads: args.threads.unwrap_or_else(engine::default_threads),
         flash_attn: flash_attn(args.flash_attn),
         ubatch: args.ubatch_size,
-        chunk: args.lq_chunk,
+        chunk: args.chunk.lq_chunk,
     };
     serve::serve(&opts, |s| {
         eprintln!(
@@ -762,7 +763,9 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
         "decode: {} steps x {} reps (median [min-max]); prefill: {} tokens from empty; ratios against f16 and the first listed ({})",
         args.gen, args.reps, args.prefill, report.rows[0].config
     );
-    // the prefill of several sequences at once, a column only when measured
+    // the prefill of several sequences at once: a column after "prefill tok/s", only
+    // when measured
+    const TOGETHER: usize = 4;
     let together = format!("prefill x{} tok/s", args.prefill_seqs);
     let many = args.prefill_seqs > 1;
     let mut headers = vec![
@@ -770,7 +773,6 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
         "depth",
         "batch",
         "prefill tok/s",
-        &together,
         "decode tok/s",
         "per seq tok/s",
         "ms/step",
@@ -781,8 +783,8 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
         "decode vs first",
         "KV vs f16",
     ];
-    if !many {
-        headers.remove(4);
+    if many {
+        headers.insert(TOGETHER, &together);
     }
     let mut t = Table::new(&headers);
     for r in &report.rows {
@@ -797,7 +799,6 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             r.depth.to_string(),
             r.batch.to_string(),
             format!("{:.1}", r.prefill_tps.median),
-            r.prefill_seqs_tps.map_or_else(|| "-".into(), |p| format!("{:.1}", p.median)),
             format!("{:.1} [{:.1}-{:.1}]", r.decode_tps.median, r.decode_tps.min, r.decode_tps.max),
             format!("{:.1}", r.decode_tps_per_seq.median),
             format!("{:.2}", r.ms_per_step.median),
@@ -808,8 +809,8 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             ratio(same(&report.rows[0].config), &decode),
             ratio(same("f16"), &kvb),
         ];
-        if !many {
-            row.remove(4);
+        if many {
+            row.insert(TOGETHER, r.prefill_seqs_tps.map_or_else(|| "-".into(), |p| format!("{:.1}", p.median)));
         }
         t.row(row);
     }

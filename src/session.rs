@@ -143,19 +143,26 @@ impl<'m> Session<'m> {
         // here costs nothing and puts the GPU's time where it belongs.
         self.ctx.synchronize();
         self.times.llama_decode += t.elapsed();
-        if decoded.is_err() {
+        let applied = decoded.and_then(|()| {
+            let t = Instant::now();
+            let applied = self.apply_policy(batch);
+            self.times.policy += t.elapsed();
+            applied
+        });
+        if applied.is_err() {
             // what the cache holds of the batch's sequences is not known: push them next
             for i in 0..batch.len() {
-                if let Some(p) = usize::try_from(batch.seq_of(i)).ok().and_then(|s| self.pushed.get_mut(s)) {
-                    *p = None;
-                }
+                self.forget_pushed(batch.seq_of(i));
             }
         }
-        decoded?;
-        let t = Instant::now();
-        let applied = self.apply_policy(batch);
-        self.times.policy += t.elapsed();
         applied
+    }
+
+    /// The next decode of `seq` pushes its set whatever it holds.
+    fn forget_pushed(&mut self, seq: i32) {
+        if let Some(p) = usize::try_from(seq).ok().and_then(|s| self.pushed.get_mut(s)) {
+            *p = None;
+        }
     }
 
     /// Wall time spent in [`Session::decode`] so far, by part.
@@ -176,10 +183,6 @@ impl<'m> Session<'m> {
             before[seq].get_or_insert(ret[seq].len());
             ret[seq].decode();
         }
-        // Until its push succeeds a touched sequence's pushed set is unknown (an error
-        // below returns before the later sequences are pushed).
-        let mut last: Vec<Option<Vec<i32>>> =
-            before.iter().zip(self.pushed.iter_mut()).map(|(b, p)| if b.is_some() { p.take() } else { None }).collect();
         for (seq, r) in ret.iter().enumerate() {
             let Some(from) = before[seq] else { continue };
             let kept: Vec<i32> = r.full_precision().into_iter().map(|p| p as i32).collect();
@@ -191,7 +194,7 @@ impl<'m> Session<'m> {
             // centering), keys by channel and swa=recent (`push_every_call`).
             let unchanged = !self.push_every_call
                 && from >= crate::llama::CENTER_TOKENS as Pos
-                && last[seq].take().is_some_and(|prev| {
+                && self.pushed[seq].take().is_some_and(|prev| {
                     kept.len() == prev.len() + (r.len() - from) as usize
                         && kept.starts_with(&prev)
                         && kept[prev.len()..].iter().zip(from..).all(|(&k, p)| k as Pos == p)
@@ -231,7 +234,7 @@ impl<'m> Session<'m> {
                 "the two-tier cache can remove the tail of a sequence, not positions in its middle".into(),
             ));
         }
-        self.pushed[seq as usize] = None;
+        self.forget_pushed(seq);
         let removed = self.ctx.remove(seq, p0, -1)?;
         let kept: Vec<Pos> = self.ctx.full_precision(seq)?.into_iter().map(|p| p as Pos).collect();
         if let Some(ret) = &mut self.retention {
@@ -243,9 +246,7 @@ impl<'m> Session<'m> {
     /// Keeps only `positions` of `seq` in the overlay (Context::set_full_precision), past
     /// the policy: the next decode pushes the policy's set again.
     pub fn set_full_precision(&mut self, seq: i32, positions: &[i32]) -> Result<(), LlamaError> {
-        if let Some(p) = usize::try_from(seq).ok().and_then(|s| self.pushed.get_mut(s)) {
-            *p = None;
-        }
+        self.forget_pushed(seq);
         self.ctx.set_full_precision(seq, positions)
     }
 
@@ -254,7 +255,7 @@ impl<'m> Session<'m> {
         self.ctx.copy_sequence(src, dst)?;
         if let Some(ret) = &mut self.retention {
             ret[dst as usize] = ret[src as usize].clone();
-            self.pushed[dst as usize] = None;
+            self.forget_pushed(dst);
         }
         Ok(())
     }
