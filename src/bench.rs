@@ -126,12 +126,12 @@ fn fill(ctx: &mut Session, batch: &mut Batch, tokens: &[Token], seq: i32, start:
 }
 
 /// Prefill of sequences 0..n, each `tokens` from empty, fed together as the server
-/// feeds prompts: calls of at most one micro-batch, each sequence a chunk of at most
-/// the context's tokens per sequence per call (the two-tier cache's chunk; f16 takes a
-/// whole micro-batch of one prompt). Tokens per second over all of them, per timed
+/// feeds prompts: calls of at most n_batch tokens (llama.cpp splits them into
+/// micro-batches), each sequence a chunk of at most the context's tokens per sequence
+/// per call (the two-tier cache's chunk; a stock cache takes a whole prompt). Tokens per second over all of them, per timed
 /// repetition (after a warm-up); leaves the context empty.
 fn prefill_together(ctx: &mut Session, tokens: &[Token], n: usize, reps: usize) -> Result<Vec<f64>, EngineError> {
-    let call = (ctx.n_ubatch() as usize).min(ctx.n_batch() as usize);
+    let call = ctx.n_batch() as usize;
     let chunk = ctx.max_tokens_per_sequence().min(call);
     let mut batch = Batch::new(call)?;
     let mut rates = Vec::new();
@@ -194,7 +194,7 @@ pub fn run(model: &LoadedModel, opts: &BenchOptions, progress: &mut Progress) ->
             cfg.n_seq = n_seq as u32;
             if opts.prefill_seqs > 1 {
                 // as the server: a two-tier call may carry a chunk of several sequences
-                cfg.two_tier_batch = cfg.n_ubatch;
+                cfg.two_tier_batch = cfg.n_batch;
             }
             cfg.n_ctx = u32::try_from(per_seq * n_seq)
                 .map_err(|_| EngineError::Input(format!("{n_seq} sequences of {per_seq} tokens are too many cells")))?;

@@ -28,11 +28,16 @@ pub struct TwoTierSizes {
     pub per_seq: u32,
     /// Overlay slots per stream: the budget plus `per_seq`.
     pub slots: u32,
-    /// llama.cpp's n_batch, and n_ubatch too (one micro-batch per call): `per_seq`, or
-    /// one token per sequence if more; or, with [`ContextConfig::two_tier_batch`], up to
-    /// `per_seq` tokens of every sequence within it (each stream's overlay still gets at
-    /// most `per_seq` new tokens per call, and the policy runs after the call).
+    /// llama.cpp's n_batch: `per_seq`, or one token per sequence if more; or, with
+    /// [`ContextConfig::two_tier_batch`], up to `per_seq` tokens of every sequence within
+    /// it (each stream's overlay still gets at most `per_seq` new tokens per call, and
+    /// the policy runs after the call).
     pub n_batch: u32,
+    /// llama.cpp's n_ubatch: `n_batch` (one micro-batch per call) unless a call may
+    /// carry several sequences' chunks, which llama.cpp then splits into micro-batches
+    /// of [`ContextConfig::n_ubatch`] (at least one token of every sequence: a decode
+    /// step stays one micro-batch).
+    pub n_ubatch: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,15 +96,18 @@ pub struct ContextConfig {
     pub threads: i32,
     pub kv: KvConfig,
     pub flash_attn: FlashAttn,
-    /// Two-tier contexts: the most tokens one decode call (one micro-batch) may carry
-    /// over all sequences (0: `per_seq`, or one per sequence). The server uses it so that
-    /// prompts of many sequences prefill together, in micro-batches as wide as a stock
-    /// cache's; the compute buffers grow with it (the memory plan counts them).
+    /// Two-tier contexts: the most tokens one decode call may carry over all sequences
+    /// (0: `per_seq`, or one per sequence), as a stock cache's n_batch. The server uses
+    /// it so that prompts of many sequences prefill together, in micro-batches of
+    /// `n_ubatch` as a stock cache's (the compute buffers follow `n_ubatch`, not this).
     pub two_tier_batch: u32,
     /// Two-tier contexts: the most tokens of one sequence per decode call (`--lq-chunk`,
     /// 1..=[`TWO_TIER_CHUNK_MAX`]). Each costs an f16 overlay slot in every sequence's
     /// stream, so a wider chunk prefills in fewer, wider calls in more memory.
     pub two_tier_chunk: u32,
+    /// Every sequence starts with greedy sampling in llama.cpp's graph
+    /// (`ContextParams::device_greedy`; the server's greedy requests).
+    pub device_greedy: bool,
 }
 
 impl ContextConfig {
@@ -115,7 +123,7 @@ impl ContextConfig {
     /// The micro-batch llama.cpp will use for this configuration.
     pub fn n_ubatch_for(cfg: &ContextConfig) -> u32 {
         match LoadedModel::two_tier_sizes(cfg) {
-            Some(t) => t.n_batch,
+            Some(t) => t.n_ubatch,
             None => cfg.n_ubatch.min(cfg.n_batch),
         }
     }
@@ -131,6 +139,7 @@ impl ContextConfig {
             flash_attn: FlashAttn::Auto,
             two_tier_batch: 0,
             two_tier_chunk: TWO_TIER_CHUNK,
+            device_greedy: false,
         }
     }
 }
@@ -171,8 +180,10 @@ impl LoadedModel {
         // D = 0 is q2 through the two-tier kernels: no slot, not even for new tokens.
         let budget = policy.dense_budget();
         let one = per_seq.max(cfg.n_seq);
-        let wide = cfg.two_tier_batch.min(per_seq.saturating_mul(cfg.n_seq)).max(one);
-        Some(TwoTierSizes { per_seq, slots: if budget == 0 { 0 } else { budget + per_seq }, n_batch: wide })
+        let n_batch = cfg.two_tier_batch.min(per_seq.saturating_mul(cfg.n_seq)).max(one);
+        let n_ubatch = cfg.n_ubatch.max(one).min(n_batch);
+        let slots = if budget == 0 { 0 } else { budget + per_seq };
+        Some(TwoTierSizes { per_seq, slots, n_batch, n_ubatch })
     }
 
     /// Bytes of the KV cache this configuration allocates: the store, plus the overlay
@@ -290,10 +301,11 @@ impl LoadedModel {
         p.type_k = cfg.kv.k;
         p.type_v = cfg.kv.v;
         p.flash_attn = cfg.flash_attn;
+        p.device_greedy = cfg.device_greedy;
         let Some(sizes) = LoadedModel::two_tier_sizes(cfg) else {
             return Ok(Session::plain(Context::new(&self.model, &p)?));
         };
-        p.n_ubatch = sizes.n_batch;
+        p.n_ubatch = sizes.n_ubatch;
         p.flash_attn = FlashAttn::On;
         let mut ctx = Context::new(&self.model, &p)?;
         // A no_alloc context only sizes buffers (crate::plan adds the overlay's bytes).
@@ -366,4 +378,46 @@ pub fn build_description() -> String {
 /// `LLAMA_ATTN_ROT_DISABLE=1` turns it off, as llama.cpp reads it.
 pub fn attention_rotation() -> bool {
     std::env::var("LLAMA_ATTN_ROT_DISABLE").ok().and_then(|v| v.trim().parse::<i64>().ok()).unwrap_or(0) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(kv: &str, n_seq: u32, two_tier_batch: u32, n_ubatch: u32) -> TwoTierSizes {
+        let mut cfg = ContextConfig::new(0);
+        cfg.kv = KvConfig::parse(kv).unwrap();
+        cfg.n_seq = n_seq;
+        cfg.two_tier_batch = two_tier_batch;
+        cfg.n_ubatch = n_ubatch;
+        LoadedModel::two_tier_sizes(&cfg).unwrap()
+    }
+
+    #[test]
+    fn two_tier_calls_and_micro_batches() {
+        // one sequence: a chunk per call, one micro-batch
+        assert_eq!(
+            sizes("logquant:D=384", 1, 0, 512),
+            TwoTierSizes { per_seq: 64, slots: 448, n_batch: 64, n_ubatch: 64 }
+        );
+        // a decode step of every sequence is one call of one micro-batch, even past n_ubatch
+        assert_eq!(
+            sizes("logquant", 1000, 0, 512),
+            TwoTierSizes { per_seq: 64, slots: 448, n_batch: 1000, n_ubatch: 1000 }
+        );
+        // the server's: calls of n_batch over many sequences, micro-batches of n_ubatch
+        assert_eq!(
+            sizes("logquant", 146, 2048, 512),
+            TwoTierSizes { per_seq: 64, slots: 448, n_batch: 2048, n_ubatch: 512 }
+        );
+        // ... no wider than a chunk of every sequence
+        assert_eq!(
+            sizes("logquant", 4, 2048, 64),
+            TwoTierSizes { per_seq: 64, slots: 448, n_batch: 256, n_ubatch: 64 }
+        );
+        assert_eq!(sizes("logquant", 4, 2048, 512).n_ubatch, 256);
+        // a budget of 0 needs no slot
+        assert_eq!(sizes("logquant:D=0", 2, 0, 512).slots, 0);
+        assert!(LoadedModel::two_tier_sizes(&ContextConfig::new(0)).is_none());
+    }
 }

@@ -417,6 +417,12 @@ pub struct ContextParams {
     pub kv_unified: bool,
     /// Compute logits for every token of a batch that asks for them (always true here).
     pub offload_kqv: bool,
+    /// Every sequence starts with greedy sampling in the compute graph (llama.cpp's
+    /// backend sampling): a decode then returns each output's token and copies no
+    /// logits for it ([`Context::sampled_token`]; [`Context::set_device_greedy`] turns
+    /// it off for a sequence that samples on the host). At most one output per
+    /// sequence per call then.
+    pub device_greedy: bool,
 }
 
 impl ContextParams {
@@ -434,6 +440,7 @@ impl ContextParams {
             swa_full: false,
             kv_unified: false,
             offload_kqv: true,
+            device_greedy: false,
         }
     }
 }
@@ -470,6 +477,19 @@ pub struct Context<'m> {
     /// Which positions of the last decoded batch produced logits (llama.cpp asserts
     /// when asked for logits it does not have).
     last_outputs: Vec<bool>,
+    /// Per sequence, the greedy sampler chain llama.cpp runs in the graph for it (see
+    /// [`ContextParams::device_greedy`]); the context only borrows them, so they are
+    /// freed after it.
+    device_greedy: Vec<Option<NonNull<ffi::llama_sampler>>>,
+}
+
+/// A sampler chain of one greedy sampler (what llama.cpp's backend sampling takes).
+fn greedy_chain() -> NonNull<ffi::llama_sampler> {
+    unsafe {
+        let chain = ffi::llama_sampler_chain_init(ffi::llama_sampler_chain_default_params());
+        ffi::llama_sampler_chain_add(chain, ffi::llama_sampler_init_greedy());
+        NonNull::new(chain).expect("llama_sampler_chain_init returned NULL")
+    }
 }
 
 impl<'m> Context<'m> {
@@ -497,11 +517,80 @@ impl<'m> Context<'m> {
         cp.kv_unified = params.kv_unified;
         cp.offload_kqv = params.offload_kqv;
         cp.no_perf = true;
+        // Given at creation, the samplers are in the graphs llama.cpp reserves its
+        // buffers for (set later, each change makes it reserve again).
+        let device_greedy: Vec<Option<NonNull<ffi::llama_sampler>>> =
+            (0..params.n_seq_max).map(|_| params.device_greedy.then(greedy_chain)).collect();
+        let mut configs: Vec<ffi::llama_sampler_seq_config> = device_greedy
+            .iter()
+            .enumerate()
+            .filter_map(|(seq, c)| c.map(|c| ffi::llama_sampler_seq_config { seq_id: seq as i32, sampler: c.as_ptr() }))
+            .collect();
+        if params.device_greedy {
+            cp.samplers = configs.as_mut_ptr();
+            cp.n_samplers = configs.len();
+            cp.n_outputs_max_per_seq = 1;
+        }
         take_recent_log();
         let ptr = unsafe { ffi::llama_init_from_model(model.ptr.as_ptr(), cp) };
-        let ptr = NonNull::new(ptr).ok_or_else(|| LlamaError::ContextCreate { reason: take_recent_log() })?;
+        let Some(ptr) = NonNull::new(ptr) else {
+            let reason = take_recent_log();
+            device_greedy.into_iter().flatten().for_each(|c| unsafe { ffi::llama_sampler_free(c.as_ptr()) });
+            return Err(LlamaError::ContextCreate { reason });
+        };
         let (n_ctx, n_batch) = unsafe { (ffi::llama_n_ctx(ptr.as_ptr()), ffi::llama_n_batch(ptr.as_ptr())) };
-        Ok(Context { ptr, model, n_ctx, n_batch, n_seq_max: params.n_seq_max, last_outputs: Vec::new() })
+        let n_seq_max = params.n_seq_max;
+        Ok(Context { ptr, model, n_ctx, n_batch, n_seq_max, last_outputs: Vec::new(), device_greedy })
+    }
+
+    /// Turns the in-graph greedy sampling of `seq` on or off (see
+    /// [`ContextParams::device_greedy`]); false if llama.cpp cannot run it on this
+    /// backend (the sequence's logits are then copied out as usual). A change makes
+    /// llama.cpp reserve its compute buffers again at the next decode.
+    pub fn set_device_greedy(&mut self, seq: i32, on: bool) -> Result<bool, LlamaError> {
+        self.check_seq(seq)?;
+        let slot = &mut self.device_greedy[seq as usize];
+        if slot.is_some() == on {
+            return Ok(true);
+        }
+        if on {
+            let chain = greedy_chain();
+            if unsafe { ffi::llama_set_sampler(self.ptr.as_ptr(), seq, chain.as_ptr()) } {
+                *slot = Some(chain);
+                Ok(true)
+            } else {
+                unsafe { ffi::llama_sampler_free(chain.as_ptr()) };
+                Ok(false)
+            }
+        } else {
+            unsafe { ffi::llama_set_sampler(self.ptr.as_ptr(), seq, std::ptr::null_mut()) };
+            let chain = slot.take().expect("checked above");
+            unsafe { ffi::llama_sampler_free(chain.as_ptr()) };
+            Ok(true)
+        }
+    }
+
+    /// Whether `seq` is sampled greedily in the graph.
+    pub fn device_greedy(&self, seq: i32) -> bool {
+        usize::try_from(seq).ok().and_then(|s| self.device_greedy.get(s)).is_some_and(|c| c.is_some())
+    }
+
+    /// The tokens llama.cpp's in-graph greedy samplers chose for positions `rows` of
+    /// the last decoded batch (each of a sequence that samples on the device, and each
+    /// asked for logits). Waits for the backend once.
+    pub fn sampled_tokens(&mut self, rows: &[usize]) -> Vec<Result<Token, LlamaError>> {
+        self.synchronize();
+        rows.iter()
+            .map(|&i| {
+                self.check_output(i)?;
+                match unsafe { ffi::llama_get_sampled_token_ith(self.ptr.as_ptr(), i as i32) } {
+                    ffi::LLAMA_TOKEN_NULL => Err(LlamaError::InvalidArgument(format!(
+                        "no token was sampled on the device for batch position {i}"
+                    ))),
+                    token => Ok(token),
+                }
+            })
+            .collect()
     }
 
     pub fn model(&self) -> &'m Model {
@@ -768,6 +857,9 @@ fn last_logquant_error() -> LlamaError {
 impl Drop for Context<'_> {
     fn drop(&mut self) {
         unsafe { ffi::llama_free(self.ptr.as_ptr()) }
+        for chain in self.device_greedy.drain(..).flatten() {
+            unsafe { ffi::llama_sampler_free(chain.as_ptr()) }
+        }
     }
 }
 

@@ -93,6 +93,11 @@ struct ServeArgs {
     ubatch_size: u32,
     #[command(flatten)]
     chunk: ChunkArg,
+    /// Sample every request on the host. By default a request at temperature 0 is
+    /// sampled greedily inside llama.cpp's compute graph (backend sampling), so no
+    /// logits are copied out for it.
+    #[arg(long = "host-sampling")]
+    host_sampling: bool,
     /// Show llama.cpp's own log on stderr.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
@@ -468,6 +473,7 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
         flash_attn: flash_attn(args.flash_attn),
         ubatch: args.ubatch_size,
         chunk: args.chunk.lq_chunk,
+        device_greedy: !args.host_sampling,
     };
     serve::serve(&opts, |s| {
         eprintln!(

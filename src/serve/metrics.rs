@@ -15,6 +15,8 @@ pub struct Metrics {
     pub failed: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
+    /// Tokens sampled in llama.cpp's graph (greedy requests; see --host-sampling).
+    pub device_sampled: AtomicU64,
     pub active_sequences: AtomicU64,
     pub decode_steps: AtomicU64,
     /// Seconds spent in decode calls, in microseconds.
@@ -68,6 +70,12 @@ impl Metrics {
         put("requests_failed_total", "counter", "Requests ended by an engine error.", c(&self.failed));
         put("prompt_tokens_total", "counter", "Prompt tokens decoded.", c(&self.prompt_tokens));
         put("completion_tokens_total", "counter", "Tokens generated.", c(&self.completion_tokens));
+        put(
+            "device_sampled_tokens_total",
+            "counter",
+            "Tokens sampled greedily in the compute graph (no logits copied out).",
+            c(&self.device_sampled),
+        );
         put("queue_length", "gauge", "Requests waiting for a free sequence.", queued.to_string());
         put("active_sequences", "gauge", "Sequences being prefilled or decoded.", c(&self.active_sequences));
         put("parallel_sequences", "gauge", "Sequences the context holds (the memory plan).", c(&self.parallel));

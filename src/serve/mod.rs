@@ -64,6 +64,8 @@ pub struct ServeOptions {
     /// Two-tier caches: the most prompt tokens of one sequence per decode call
     /// (`ContextConfig::two_tier_chunk`).
     pub chunk: u32,
+    /// Greedy requests are sampled in llama.cpp's graph (`ContextConfig::device_greedy`).
+    pub device_greedy: bool,
 }
 
 /// What the server found at startup (the line it prints says it too).
@@ -96,7 +98,12 @@ pub fn serve(opts: &ServeOptions, on_start: impl FnOnce(&Startup)) -> Result<(),
         return Err(ServeError::Setup("--ubatch-size must be at least 1".into()));
     }
     cfg.n_ubatch = opts.ubatch;
-    cfg.two_tier_batch = opts.ubatch;
+    cfg.n_batch = cfg.n_batch.max(opts.ubatch);
+    // two-tier calls as wide as a stock cache's (n_batch), split by llama.cpp into
+    // micro-batches of --ubatch-size: fewer calls, so fewer policy runs and fewer
+    // micro-batches of one token per generating sequence while prompts prefill
+    cfg.two_tier_batch = cfg.n_batch;
+    cfg.device_greedy = opts.device_greedy;
     cfg.two_tier_chunk = opts.chunk;
     let (parallel, why) = match opts.capacity {
         Capacity::Parallel(n) if n == 0 || n > LLAMA_MAX_SEQ => {
@@ -133,6 +140,7 @@ pub fn serve(opts: &ServeOptions, on_start: impl FnOnce(&Startup)) -> Result<(),
         ctx_per_seq: ctx_per_seq as usize,
         prefill_chunk,
         first_chunk: if centering { llama::CENTER_TOKENS as usize } else { prefill_chunk },
+        device_greedy: opts.device_greedy,
     };
     let engine_cfg = cfg.clone();
     let engine = std::thread::Builder::new()

@@ -76,6 +76,9 @@ struct Slot {
     next: Option<Token>,
     generated: usize,
     sampler: Sampler,
+    /// Greedy, sampled in llama.cpp's graph (Layout::device_greedy): the decode
+    /// returns its token, no logits.
+    on_device: bool,
     text: AnswerText,
 }
 
@@ -96,6 +99,10 @@ pub struct Layout {
     /// Prompt tokens of a sequence's first step (at most prefill_chunk): its chunks are
     /// [0, first), then prefill_chunk at a time.
     pub first_chunk: usize,
+    /// The context samples greedy requests in its graph (ContextConfig::device_greedy):
+    /// a request at temperature 0 gets no logits copied to the host, nor a pass over
+    /// them there; any other turns it off for its sequence.
+    pub device_greedy: bool,
 }
 
 /// Runs until `jobs` is closed and every admitted request has ended.
@@ -160,7 +167,11 @@ pub fn run(
             let seq = free.pop_first().expect("a free sequence");
             let sampler = Sampler::new(&job.sampler);
             let text = AnswerText::new(job.stop.clone());
-            slots.push(Slot { seq, job, prefilled: 0, next: None, generated: 0, sampler, text });
+            // (a change makes llama.cpp reserve its buffers again: only a sequence that
+            // moves between greedy and sampled requests pays it)
+            let greedy = layout.device_greedy && job.sampler.temperature <= 0.0;
+            let on_device = session.set_device_greedy(seq, greedy).unwrap_or(false) && greedy;
+            slots.push(Slot { seq, job, prefilled: 0, next: None, generated: 0, sampler, on_device, text });
         }
         if slots.is_empty() && closed {
             return;
@@ -267,7 +278,9 @@ pub fn run(
         let t_sample = Instant::now();
         let mut ended: Vec<usize> = Vec::new();
         let sampled = rows.len();
-        let tokens = sample_rows(&session, &mut slots, &rows, sampling_threads);
+        let on_device = rows.iter().filter(|&&(i, _)| slots[i].on_device).count();
+        Metrics::add(&metrics.device_sampled, on_device as u64);
+        let tokens = sample_rows(&mut session, &mut slots, &rows, sampling_threads);
         for ((i, _), token) in rows.into_iter().zip(tokens) {
             let s = &mut slots[i];
             let token = match token {
@@ -361,22 +374,34 @@ const PARALLEL_SAMPLING_ROWS: usize = 16;
 /// The most threads sampling uses (the host also runs the HTTP side).
 const SAMPLING_THREADS: usize = 8;
 
-/// The next token of each (slot, batch row) in `rows`, in that order: each slot's own
-/// sampler on its row's logits. With many sequences one thread sampling them all is
-/// the step's longest part on a GPU (146 sequences of a 128k vocabulary: ~80 ms
-/// against ~40 ms of decoding), so the rows are split over threads; every sampler sees
-/// only its own row, so the tokens do not depend on the split.
+/// The next token of each (slot, batch row) in `rows`, in that order: the token the
+/// graph sampled for a slot on the device, else the slot's own sampler on its row's
+/// logits. With many sequences one thread sampling them all is the step's longest
+/// part on a GPU (146 sequences of a 128k vocabulary: ~80 ms against ~40 ms of
+/// decoding), so the host's rows are split over threads; every sampler sees only its
+/// own row, so the tokens do not depend on the split.
 fn sample_rows(
-    session: &Session,
+    session: &mut Session,
     slots: &mut [Slot],
     rows: &[(usize, usize)],
     threads: usize,
 ) -> Vec<Result<Token, LlamaError>> {
-    let mut samplers: Vec<Option<&mut Sampler>> = slots.iter_mut().map(|s| Some(&mut s.sampler)).collect();
     let mut tokens: Vec<Option<Result<Token, LlamaError>>> = (0..rows.len()).map(|_| None).collect();
+    let on_device: Vec<usize> = (0..rows.len()).filter(|&k| slots[rows[k].0].on_device).collect();
+    if !on_device.is_empty() {
+        let batch_rows: Vec<usize> = on_device.iter().map(|&k| rows[k].1).collect();
+        for (k, t) in on_device.into_iter().zip(session.sampled_tokens(&batch_rows)) {
+            tokens[k] = Some(t);
+        }
+    }
+    let session: &Session = session;
+    let mut samplers: Vec<Option<&mut Sampler>> = slots.iter_mut().map(|s| Some(&mut s.sampler)).collect();
     // (index in rows, the slot's sampler, its logits)
     let mut jobs: Vec<(usize, &mut Sampler, &[f32])> = Vec::with_capacity(rows.len());
     for (k, &(i, row)) in rows.iter().enumerate() {
+        if tokens[k].is_some() {
+            continue;
+        }
         let sampler = samplers[i].take().expect("one row per slot");
         match session.logits(row) {
             Ok(logits) => jobs.push((k, sampler, logits)),

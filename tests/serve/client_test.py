@@ -153,6 +153,29 @@ def check_concurrent_equals_alone(s):
     parts = sum(m[f"logquant_engine_{p}_seconds_total"] for p in ("llama_decode", "policy"))
     assert 0 < parts <= m["logquant_decode_seconds_total"] + 1e-3, m
     assert m["logquant_engine_sample_seconds_total"] > 0, m
+    # greedy requests are sampled in the graph (unless the server says --host-sampling)
+    assert m["logquant_device_sampled_tokens_total"] >= sum(n for _, n in alone + together), m
+
+
+def check_sampled_beside_greedy(s):
+    """Requests at temperature 0.9 between greedy ones: each sampled request turns its
+    sequence's in-graph greedy sampler off (llama.cpp reserves its buffers again) and
+    the next greedy one turns it back on; the greedy answers stay those served alone,
+    and a seeded sampled request repeats its answer."""
+    ps = prompts(8)
+    alone = [complete(s, p) for p in ps]
+
+    def sampled(p):
+        r = s.client().completions.create(model=ALIAS, prompt=p, max_tokens=24, temperature=0.9, seed=7)
+        return r.choices[0].text, r.usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(complete, s, p) if i % 2 == 0 else pool.submit(sampled, p) for i, p in enumerate(ps)]
+        got = [f.result() for f in futures]
+    for i in range(0, len(ps), 2):
+        assert got[i] == alone[i], f"prompt {i}: alone {alone[i]!r}, beside sampled requests {got[i]!r}"
+    assert all(n > 0 for _, n in got[1::2]), got
+    assert sampled(ps[1]) == sampled(ps[1])
 
 
 def check_cancel_frees_sequence(s):
@@ -281,11 +304,16 @@ def main():
         checks += 1
         print(f"ok   {name} ({time.time() - t:.1f} s)", flush=True)
 
-    main_server = Server(a.bin, a.model, "--kv", a.kv, "-c", "1024", "--parallel", "4", "--api-key", KEY, "-t", "1")
+    # micro-batches of 64 tokens: a call carries up to 64 tokens of each of the 4
+    # sequences (256), which llama.cpp splits into micro-batches of several sequences
+    main_server = Server(a.bin, a.model, "--kv", a.kv, "-c", "1024", "--parallel", "4", "--api-key", KEY, "-t", "1",
+                         "--ub", "64")
     try:
         for f in (check_models, check_completion, check_chat, check_stream_equals_whole,
-                  check_concurrent_equals_alone, check_cancel_frees_sequence, check_bad_requests):
+                  check_concurrent_equals_alone, check_sampled_beside_greedy, check_cancel_frees_sequence,
+                  check_bad_requests):
             run(f.__name__, f, main_server)
+        reference = [complete(main_server, p) for p in prompts(4)]
         run("sigterm exits 0", Server.stop, main_server)
     finally:
         main_server.proc.kill()
@@ -299,8 +327,16 @@ def main():
     finally:
         by_channel.proc.kill()
 
-    small = Server(a.bin, a.model, "--kv", a.kv, "-c", "512", "--parallel", "1", "--queue", "1", "-t", "1")
+    # sampled on the host: the same greedy answers as in the graph (both take the first
+    # largest logit, and one sequence's arithmetic does not depend on the others')
+    small = Server(a.bin, a.model, "--kv", a.kv, "-c", "512", "--parallel", "1", "--queue", "1", "-t", "1",
+                   "--host-sampling")
     try:
+        def same_on_host(s):
+            got = [complete(s, p) for p in prompts(4)]
+            assert got == reference, f"host {got!r}, in the graph {reference!r}"
+            assert s.metrics()["logquant_device_sampled_tokens_total"] == 0
+        run("greedy on the host equals greedy in the graph", same_on_host, small)
         run("check_busy_gets_503", check_busy_gets_503, small)
         run("check_sigterm_finishes_in_flight", check_sigterm_finishes_in_flight, small)
     finally:
