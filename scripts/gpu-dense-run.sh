@@ -4,6 +4,8 @@
 # and logquant.
 #   STAGE=tests|bench|chunk|serve|all  LOADS="800:64 200:512" (prompt words:generated tokens)
 #   CHUNKS="256" (serve: also logquant with each --lq-chunk)
+#   VARIANTS="f16=host=--host-sampling logquant=b512=-b+512" (serve: also these runs,
+#   each cache=tag=server flags with '+' for a space; the tag names the result files)
 # on the device, with target/dev/both.tar.xz carried (the stripped logquant binary `lq`
 # and the CUDA test binary `cuda-tests`, one xz stream: they share most of their bytes).
 set -uo pipefail
@@ -41,10 +43,10 @@ chunk|all)
   for a in "--kv f16" "--kv f16 --ub 64" "--kv logquant --lq-chunk 64" "--kv logquant --lq-chunk 256" "--kv logquant --lq-chunk 512"; do
     echo "== $a"; $C $a 2>/dev/null | tail -1
   done | tee /tmp/res/chunk-bench.txt
-  # the server's prefill shape: 8 prompts of 512 tokens fed together (64 each per call
-  # for logquant, one whole prompt per call for f16)
+  # the server's prefill shape: 32 prompts of 512 tokens fed together in calls of 2048
+  # (64 of each per call for logquant, whole prompts for f16)
   target/run/lq bench -m $M --ngl 99 --kv f16,logquant --depth 512 --batch 1 --gen 8 --reps 2 --prefill 512 \
-    --prefill-seqs 8 2>/dev/null | tee /tmp/res/prefill-seqs.txt
+    --prefill-seqs 32 2>/dev/null | tee /tmp/res/prefill-seqs.txt
   pack
   ;;&
 serve|all)
@@ -56,6 +58,12 @@ serve|all)
       BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=128 \
         REQUESTS=128 WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS=logquant SERVE_ARGS="--lq-chunk $c" TAG=-c$c \
         scripts/benchmarks-cuda.sh serve
+    done
+    for v in ${VARIANTS:-}; do
+      kv=${v%%=*}; rest=${v#*=}
+      BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=128 \
+        REQUESTS=128 WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS="$kv" \
+        SERVE_ARGS="$(echo "${rest#*=}" | tr + ' ')" TAG=-${rest%%=*} scripts/benchmarks-cuda.sh serve
     done
     for f in /tmp/res/w${load%:*}-g${load#*:}/serve/*.txt; do tail -1 "$f"; done
     grep -h "engine seconds" /tmp/res/w${load%:*}-g${load#*:}/serve/*-load.log

@@ -88,6 +88,10 @@ struct ServeArgs {
     /// Layers to offload to the GPU (-1 = all); ignored by a CPU-only build.
     #[arg(long = "gpu-layers", visible_alias = "ngl", default_value_t = -1, allow_negative_numbers = true)]
     gpu_layers: i32,
+    /// Tokens per decode call (llama.cpp's n_batch): one token of every generating
+    /// sequence plus prompt chunks, split into micro-batches of --ubatch-size.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 2048)]
+    batch_size: u32,
     /// Tokens per micro-batch: larger prefills faster, smaller leaves memory for more sequences.
     #[arg(long = "ubatch-size", visible_alias = "ub", default_value_t = 512)]
     ubatch_size: u32,
@@ -471,6 +475,7 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
         gpu_layers: args.gpu_layers,
         threads: args.threads.unwrap_or_else(engine::default_threads),
         flash_attn: flash_attn(args.flash_attn),
+        batch: args.batch_size,
         ubatch: args.ubatch_size,
         chunk: args.chunk.lq_chunk,
         device_greedy: !args.host_sampling,

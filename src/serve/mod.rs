@@ -57,6 +57,8 @@ pub struct ServeOptions {
     pub gpu_layers: i32,
     pub threads: i32,
     pub flash_attn: FlashAttn,
+    /// Tokens per decode call (llama.cpp's n_batch; at least `ubatch`).
+    pub batch: u32,
     /// Tokens per micro-batch (llama.cpp's n_ubatch; for the two-tier cache, over all
     /// sequences, at most `chunk` of each): larger prefills faster, smaller leaves more memory
     /// for sequences (the compute buffers grow with it).
@@ -94,11 +96,11 @@ pub fn serve(opts: &ServeOptions, on_start: impl FnOnce(&Startup)) -> Result<(),
     cfg.kv = opts.kv;
     cfg.threads = opts.threads;
     cfg.flash_attn = opts.flash_attn;
-    if opts.ubatch == 0 {
-        return Err(ServeError::Setup("--ubatch-size must be at least 1".into()));
+    if opts.ubatch == 0 || opts.batch == 0 {
+        return Err(ServeError::Setup("--batch-size and --ubatch-size must be at least 1".into()));
     }
     cfg.n_ubatch = opts.ubatch;
-    cfg.n_batch = cfg.n_batch.max(opts.ubatch);
+    cfg.n_batch = opts.batch.max(opts.ubatch);
     // two-tier calls as wide as a stock cache's (n_batch), split by llama.cpp into
     // micro-batches of --ubatch-size: fewer calls, so fewer policy runs and fewer
     // micro-batches of one token per generating sequence while prompts prefill
