@@ -4,7 +4,7 @@
 # and logquant.
 #   STAGE=tests|bench|chunk|serve|all  LOADS="800:64 200:512" (prompt words:generated tokens)
 #   CHUNKS="256" (serve: also logquant with each --lq-chunk)
-#   VARIANTS="f16=host=--host-sampling logquant=b512=-b+512" (serve: also these runs,
+#   VARIANTS="f16=bs=--backend-sampling logquant=b512=-b+512" (serve: also these runs,
 #   each cache=tag=server flags with '+' for a space; the tag names the result files)
 # on the device, with target/dev/both.tar.xz carried (the stripped logquant binary `lq`
 # and the CUDA test binary `cuda-tests`, one xz stream: they share most of their bytes).

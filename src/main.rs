@@ -97,11 +97,12 @@ struct ServeArgs {
     ubatch_size: u32,
     #[command(flatten)]
     chunk: ChunkArg,
-    /// Sample every request on the host. By default a request at temperature 0 is
-    /// sampled greedily inside llama.cpp's compute graph (backend sampling), so no
-    /// logits are copied out for it.
-    #[arg(long = "host-sampling")]
-    host_sampling: bool,
+    /// Sample requests at temperature 0 greedily inside llama.cpp's compute graph
+    /// (backend sampling): no logits row is copied out for them. By default every
+    /// request is sampled on the host (on an H100 the per-row argmax kernels cost what
+    /// the copy and the host pass did: BENCHMARKS.md).
+    #[arg(long = "backend-sampling")]
+    backend_sampling: bool,
     /// Show llama.cpp's own log on stderr.
     #[arg(short = 'v', long = "verbose")]
     verbose: bool,
@@ -478,7 +479,7 @@ fn cmd_serve(args: ServeArgs) -> Result<()> {
         batch: args.batch_size,
         ubatch: args.ubatch_size,
         chunk: args.chunk.lq_chunk,
-        device_greedy: !args.host_sampling,
+        device_greedy: args.backend_sampling,
     };
     serve::serve(&opts, |s| {
         eprintln!(

@@ -392,8 +392,8 @@ fn run_three(model: &LoadedModel, kv: &str) -> Vec<Vec<f32>> {
     run_n(model, kv, 3, false)
 }
 
-/// With `wide`, as the server runs it: a call (one micro-batch) carries up to 48 tokens
-/// of every sequence (`ContextConfig::two_tier_batch`); else 48 tokens in all.
+/// With `wide`, as the server runs it: a call carries up to 48 tokens of every sequence
+/// (`ContextConfig::two_tier_batch`), split into micro-batches of 48; else 48 tokens in all.
 fn run_n(model: &LoadedModel, kv: &str, n_seq: usize, wide: bool) -> Vec<Vec<f32>> {
     let mut cfg = ContextConfig::new(1024);
     cfg.kv = KvConfig::parse(kv).unwrap();
@@ -479,10 +479,24 @@ fn a_model_on_cuda_matches_the_cpu_with_several_sequences() {
         assert!(lq.0 < 1e-3 && lq.1 < 1e-2, "{kv} CPU vs CUDA: {lq:?}");
         assert!(lq.0 < q2_gap.0 / 10.0, "{kv}: CPU vs CUDA should be far below what the 2-bit cache itself costs");
     }
-    // The server's wide micro-batches (48 tokens of each of 3 sequences in one).
+    // The server's wide calls (48 tokens of each of 3 sequences in one).
     let wide = kld(&run_n(&cpu, "logquant:D=24", 3, true), &run_n(&gpu, "logquant:D=24", 3, true));
     eprintln!("CPU vs CUDA mean/max KLD, wide micro-batches: {wide:?}");
     assert!(wide.0 < 1e-3 && wide.1 < 1e-2, "wide micro-batches, CPU vs CUDA: {wide:?}");
+}
+
+/// Greedy sampling inside the graph on the GPU (the server's greedy requests) picks the
+/// token the host picks from the copied logits (common::greedy_in_graph_and_on_host).
+#[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a build with --features cuda and an NVIDIA GPU")]
+fn greedy_sampling_in_the_graph_on_cuda_equals_the_host() {
+    let _gpu = hold_gpu();
+    let gpu =
+        engine::load_model(&common::tiny_model(), &ModelParams { gpu_layers: -1, ..ModelParams::default() }).unwrap();
+    for kv in ["f16", "logquant:D=24"] {
+        let (in_graph, on_host) = common::greedy_in_graph_and_on_host(&gpu, kv);
+        assert_eq!(in_graph, on_host, "{kv}: greedy in the graph vs on the host");
+    }
 }
 
 /// Not a check: the attention op alone on the GPU at the decode shapes of Llama 3 8B

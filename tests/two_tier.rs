@@ -801,3 +801,16 @@ fn skipping_pushes_changes_no_logit() {
         }
     }
 }
+
+/// Greedy sampling inside llama.cpp's graph (the server's greedy requests) picks the
+/// token the host's greedy sampler picks from the copied logits, with the two-tier cache
+/// and with f16.
+#[test]
+fn greedy_sampling_in_the_graph_equals_the_host() {
+    let model = tiny();
+    for kv in ["f16", "logquant:D=24"] {
+        let (in_graph, on_host) = common::greedy_in_graph_and_on_host(&model, kv);
+        assert!(in_graph.iter().all(|o| o.len() == 24), "{in_graph:?}");
+        assert_eq!(in_graph, on_host, "{kv}: greedy in the graph vs on the host");
+    }
+}

@@ -77,3 +77,63 @@ impl Rng {
         (0..4).map(|_| self.uniform()).sum::<f32>() - 2.0
     }
 }
+
+/// Three sequences (prompts of 20, 45 and 70 tokens, fed together as the server feeds
+/// them) generating 24 tokens each greedily in a `kv` context: with the sampling in
+/// llama.cpp's graph (ContextConfig::device_greedy), and with the host's greedy
+/// sampler on the copied logits.
+pub fn greedy_in_graph_and_on_host(model: &logquant::engine::LoadedModel, kv: &str) -> (Vec<Vec<i32>>, Vec<Vec<i32>>) {
+    use logquant::engine::ContextConfig;
+    use logquant::kvconfig::KvConfig;
+    use logquant::llama::{Batch, Sampler, SamplerParams};
+    const GEN: usize = 24;
+    let n_vocab = model.model.n_vocab();
+    let prompts: Vec<Vec<i32>> =
+        (0..3).map(|s| (0..20 + 25 * s).map(|i| (3 + (i * 7919 + s * 101) % (n_vocab - 3)) as i32).collect()).collect();
+    let generate = |device: bool| -> Vec<Vec<i32>> {
+        let mut cfg = ContextConfig::new(1024);
+        cfg.kv = KvConfig::parse(kv).unwrap();
+        cfg.n_seq = 3;
+        cfg.two_tier_batch = cfg.n_batch;
+        cfg.device_greedy = device;
+        let mut ctx = model.new_context(&cfg).unwrap();
+        let mut host = Sampler::new(&SamplerParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 });
+        let per_call = ctx.max_tokens_per_sequence();
+        let mut batch = Batch::new(ctx.n_batch() as usize).unwrap();
+        let mut out: Vec<Vec<i32>> = vec![Vec::new(); 3];
+        let mut fed = vec![0usize; 3];
+        while out.iter().any(|o| o.len() < GEN) {
+            batch.clear();
+            let mut rows = Vec::new(); // (sequence, batch position with logits)
+            for s in 0..3 {
+                let len = prompts[s].len();
+                if fed[s] < len {
+                    let end = len.min(fed[s] + per_call);
+                    for p in fed[s]..end {
+                        if p + 1 == len {
+                            rows.push((s, batch.len()));
+                        }
+                        batch.add(prompts[s][p], p as i32, s as i32, p + 1 == len).unwrap();
+                    }
+                    fed[s] = end;
+                } else if out[s].len() < GEN {
+                    rows.push((s, batch.len()));
+                    let pos = len + out[s].len() - 1;
+                    batch.add(*out[s].last().unwrap(), pos as i32, s as i32, true).unwrap();
+                }
+            }
+            ctx.decode(&batch).unwrap();
+            let at: Vec<usize> = rows.iter().map(|&(_, r)| r).collect();
+            let picked: Vec<i32> = if device {
+                ctx.sampled_tokens(&at).into_iter().map(|t| t.unwrap()).collect()
+            } else {
+                at.iter().map(|&r| host.sample_logits(ctx.logits(r).unwrap()).unwrap()).collect()
+            };
+            for (&(s, _), t) in rows.iter().zip(picked) {
+                out[s].push(t);
+            }
+        }
+        out
+    };
+    (generate(true), generate(false))
+}

@@ -477,6 +477,12 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
     for (auto & jb : jobs) {
         GGML_ASSERT(ggml_get_type_traits(jb.store->type)->to_float != nullptr &&
                     ggml_get_type_traits_cpu(jb.store->type)->from_float != nullptr);
+    }
+    // Each job reads, computes and writes on its own thread: on a GPU every copy is a
+    // synchronous transfer of a few KiB (its latency, not its bytes, is the cost), and
+    // ggml-cuda copies on the calling thread's own stream, so the copies overlap too.
+    parallel_for(jobs.size(), [&](size_t ij) {
+        job & jb = jobs[ij];
         // the held tokens' values: the f16 copy where the overlay has one, else the store's
         jb.store_rows.resize(size_t(n_range)*jb.store->nb[1]);
         jb.ov_rows.resize(size_t(s1 - s0)*jb.store->ne[0]);
@@ -486,9 +492,6 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
             ggml_backend_tensor_get(jb.ov, jb.ov_rows.data(), (size_t(strm)*rows + s0)*jb.ov->nb[1],
                                     jb.ov_rows.size()*sizeof(ggml_fp16_t));
         }
-    }
-    parallel_for(jobs.size(), [&](size_t ij) {
-        job & jb = jobs[ij];
         const int64_t n_embd = jb.store->ne[0];
         const auto *  traits = ggml_get_type_traits(jb.store->type);
         const auto *  cpu    = ggml_get_type_traits_cpu(jb.store->type);
@@ -532,8 +535,6 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
                 ggml_fp32_to_fp16_row(xi, jb.ov_rows.data() + size_t(slot - s0)*n_embd, n_embd);
             }
         }
-    });
-    for (auto & jb : jobs) {
         ggml_backend_tensor_set(jb.store, jb.store_rows.data(), size_t(strm)*jb.store->nb[2] + size_t(c0)*jb.store->nb[1],
                                 jb.store_rows.size());
         if (s1 > s0) {
@@ -541,7 +542,7 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
                                     jb.ov_rows.size()*sizeof(ggml_fp16_t));
         }
         ggml_backend_tensor_set(jb.off, jb.mean.data(), size_t(strm)*jb.off->nb[1], jb.mean.size()*sizeof(float));
-    }
+    });
     frozen[strm] = 1;
 }
 
