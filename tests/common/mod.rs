@@ -101,7 +101,7 @@ pub fn greedy_in_graph_and_on_host(model: &logquant::engine::LoadedModel, kv: &s
         let per_call = ctx.max_tokens_per_sequence();
         let mut batch = Batch::new(ctx.n_batch() as usize).unwrap();
         let mut out: Vec<Vec<i32>> = vec![Vec::new(); 3];
-        let mut fed = vec![0usize; 3];
+        let mut fed = [0usize; 3];
         while out.iter().any(|o| o.len() < GEN) {
             batch.clear();
             let mut rows = Vec::new(); // (sequence, batch position with logits)
@@ -109,11 +109,11 @@ pub fn greedy_in_graph_and_on_host(model: &logquant::engine::LoadedModel, kv: &s
                 let len = prompts[s].len();
                 if fed[s] < len {
                     let end = len.min(fed[s] + per_call);
-                    for p in fed[s]..end {
+                    for (p, &t) in prompts[s].iter().enumerate().take(end).skip(fed[s]) {
                         if p + 1 == len {
                             rows.push((s, batch.len()));
                         }
-                        batch.add(prompts[s][p], p as i32, s as i32, p + 1 == len).unwrap();
+                        batch.add(t, p as i32, s as i32, p + 1 == len).unwrap();
                     }
                     fed[s] = end;
                 } else if out[s].len() < GEN {
