@@ -52,17 +52,17 @@ chunk|all)
 serve|all)
   for load in ${LOADS:-800:64 200:512}; do
     mkdir -p /tmp/res/w${load%:*}-g${load#*:}
-    BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=128 \
+    BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=${CLIENTS:-128} \
       REQUESTS=128 WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS="${KVS:-f16 logquant}" scripts/benchmarks-cuda.sh serve
     for c in ${CHUNKS:-}; do
-      BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=128 \
-        REQUESTS=128 WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS=logquant SERVE_ARGS="--lq-chunk $c" TAG=-c$c \
+      BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=${CLIENTS:-128} \
+        REQUESTS=${REQUESTS:-128} WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS=logquant SERVE_ARGS="--lq-chunk $c" TAG=-c$c \
         scripts/benchmarks-cuda.sh serve
     done
     for v in ${VARIANTS:-}; do
       kv=${v%%=*}; rest=${v#*=}
-      BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=128 \
-        REQUESTS=128 WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS="$kv" \
+      BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=${CLIENTS:-128} \
+        REQUESTS=${REQUESTS:-128} WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS="$kv" \
         SERVE_ARGS="$(echo "${rest#*=}" | tr + ' ')" TAG=-${rest%%=*} scripts/benchmarks-cuda.sh serve
     done
     for f in /tmp/res/w${load%:*}-g${load#*:}/serve/*.txt; do tail -1 "$f"; done
