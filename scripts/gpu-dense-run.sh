@@ -53,7 +53,7 @@ serve|all)
   for load in ${LOADS:-800:64 200:512}; do
     mkdir -p /tmp/res/w${load%:*}-g${load#*:}
     BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=${CLIENTS:-128} \
-      REQUESTS=128 WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS="${KVS:-f16 logquant}" scripts/benchmarks-cuda.sh serve
+      REQUESTS=${REQUESTS:-128} WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS="${KVS:-f16 logquant}" scripts/benchmarks-cuda.sh serve
     for c in ${CHUNKS:-}; do
       BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=${CLIENTS:-128} \
         REQUESTS=${REQUESTS:-128} WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS=logquant SERVE_ARGS="--lq-chunk $c" TAG=-c$c \
