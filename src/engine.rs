@@ -395,27 +395,18 @@ mod tests {
 
     #[test]
     fn two_tier_calls_and_micro_batches() {
-        // one sequence: a chunk per call, one micro-batch
-        assert_eq!(
-            sizes("logquant:D=384", 1, 0, 512),
-            TwoTierSizes { per_seq: 64, slots: 448, n_batch: 64, n_ubatch: 64 }
-        );
-        // a decode step of every sequence is one call of one micro-batch, even past n_ubatch
-        assert_eq!(
-            sizes("logquant", 1000, 0, 512),
-            TwoTierSizes { per_seq: 64, slots: 448, n_batch: 1000, n_ubatch: 1000 }
-        );
-        // the server's: calls of n_batch over many sequences, micro-batches of n_ubatch
-        assert_eq!(
-            sizes("logquant", 146, 2048, 512),
-            TwoTierSizes { per_seq: 64, slots: 448, n_batch: 2048, n_ubatch: 512 }
-        );
-        // ... no wider than a chunk of every sequence
-        assert_eq!(
-            sizes("logquant", 4, 2048, 64),
-            TwoTierSizes { per_seq: 64, slots: 448, n_batch: 256, n_ubatch: 64 }
-        );
-        assert_eq!(sizes("logquant", 4, 2048, 512).n_ubatch, 256);
+        // (sequences, two_tier_batch, n_ubatch) -> (n_batch, n_ubatch), D=384: chunks of 64
+        for (n_seq, batch, ubatch, want) in [
+            (1, 0, 512, (64, 64)),         // one sequence: a chunk per call, one micro-batch
+            (1000, 0, 512, (1000, 1000)),  // a decode step of every sequence: one micro-batch
+            (146, 2048, 512, (2048, 512)), // the server's: calls of n_batch, micro-batches of n_ubatch
+            (4, 2048, 64, (256, 64)),      // no wider than a chunk of every sequence
+            (4, 2048, 512, (256, 256)),
+        ] {
+            let got = sizes("logquant", n_seq, batch, ubatch);
+            assert_eq!((got.per_seq, got.slots), (64, 448));
+            assert_eq!((got.n_batch, got.n_ubatch), want, "{n_seq} sequences, batch {batch}, ubatch {ubatch}");
+        }
         // a budget of 0 needs no slot
         assert_eq!(sizes("logquant:D=0", 2, 0, 512).slots, 0);
         assert!(LoadedModel::two_tier_sizes(&ContextConfig::new(0)).is_none());
