@@ -518,7 +518,10 @@ impl<'m> Context<'m> {
         cp.offload_kqv = params.offload_kqv;
         cp.no_perf = true;
         // Given at creation, the samplers are in the graphs llama.cpp reserves its
-        // buffers for (set later, each change makes it reserve again).
+        // buffers for (set later, each change makes it reserve again). llama.cpp only
+        // logs a sampler it refuses here (with a tensor-split model, which logquant
+        // never makes; a greedy chain is otherwise always taken), and cannot be asked
+        // again (a second backend_init of one chain aborts).
         let device_greedy: Vec<Option<NonNull<ffi::llama_sampler>>> =
             (0..params.n_seq_max).map(|_| params.device_greedy.then(greedy_chain)).collect();
         let mut configs: Vec<ffi::llama_sampler_seq_config> = device_greedy

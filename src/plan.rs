@@ -46,11 +46,14 @@ fn total(m: &MemoryBreakdown) -> u64 {
     m.total() as u64
 }
 
-/// llama.cpp's logits buffer, which its memory breakdown leaves out: n_vocab floats
+/// llama.cpp's output buffer, which its memory breakdown leaves out: n_vocab floats
 /// per output, and decoding a batch outputs one token per sequence (more with a
-/// larger prompt batch: llama.cpp grows the buffer then).
-fn logits_bytes(model: &LoadedModel, n_seq: u64) -> u64 {
-    model.info.n_vocab * 4 * n_seq.max(1)
+/// larger prompt batch: llama.cpp grows the buffer then). With sampling in the graph
+/// (`ContextConfig::device_greedy`) it also holds, per output, the sampler's logits and
+/// probabilities, its candidates and the sampled token: 4 n_vocab + 1 values.
+fn output_bytes(model: &LoadedModel, cfg: &ContextConfig, n_seq: u64) -> u64 {
+    let per_output = if cfg.device_greedy { 4 * model.info.n_vocab + 1 } else { model.info.n_vocab };
+    per_output * 4 * n_seq.max(1)
 }
 
 /// Memory llama.cpp would allocate for `n_seq` sequences of `ctx` tokens.
@@ -69,7 +72,7 @@ fn probe(
     let n_ctx = cfg.n_ctx;
     let ctx = model.new_context(&cfg)?;
     let mut m = ctx.memory();
-    m.compute_host += logits_bytes(model, n_seq) as usize;
+    m.compute_host += output_bytes(model, &cfg, n_seq) as usize;
     // A sizing context allocates no overlay: add what the two-tier cache would.
     m.context_host += model.overlay_bytes(&cfg, n_ctx)? as usize;
     if m.context_device > 0 {

@@ -327,8 +327,10 @@ def main():
     finally:
         by_channel.proc.kill()
 
-    # sampled on the host (the default): the same greedy answers as in the graph (both
-    # take the first largest logit, and one sequence's arithmetic does not depend on the others')
+    # sampled on the host (the default): the same greedy answers as in the graph (they
+    # could differ only on an exact tie of two logits, which the host breaks by the first
+    # and ggml's CPU argmax by the last; one sequence's arithmetic does not depend on the
+    # others')
     small = Server(a.bin, a.model, "--kv", a.kv, "-c", "512", "--parallel", "1", "--queue", "1", "-t", "1")
     try:
         def same_on_host(s):

@@ -457,8 +457,8 @@ void logquant_overlay::freeze_offsets(uint32_t strm, llama_seq_id seq) {
         s0 = s1 = 0;
     }
 
-    // One job per (layer, K or V): read on this thread, compute on all cores (the
-    // requantization is ~100 ms of one core for 64 tokens of an 8B model), write here.
+    // One job per (layer, K or V), on all cores (the requantization is ~100 ms of one
+    // core for 64 tokens of an 8B model): each reads, computes and writes its rows.
     struct job {
         ggml_tensor * store, * ov, * off;
         std::vector<uint8_t>     store_rows;
