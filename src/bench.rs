@@ -128,8 +128,9 @@ fn fill(ctx: &mut Session, batch: &mut Batch, tokens: &[Token], seq: i32, start:
 /// Prefill of sequences 0..n, each `tokens` from empty, fed together as the server
 /// feeds prompts: calls of at most n_batch tokens (llama.cpp splits them into
 /// micro-batches), each sequence a chunk of at most the context's tokens per sequence
-/// per call (the two-tier cache's chunk; a stock cache takes a whole prompt). Tokens per second over all of them, per timed
-/// repetition (after a warm-up); leaves the context empty.
+/// per call (the two-tier cache's chunk; a stock cache takes a whole prompt). Tokens
+/// per second over all of them, per timed repetition (after a warm-up); leaves the
+/// context empty.
 fn prefill_together(ctx: &mut Session, tokens: &[Token], n: usize, reps: usize) -> Result<Vec<f64>, EngineError> {
     let call = ctx.n_batch() as usize;
     let chunk = ctx.max_tokens_per_sequence().min(call);

@@ -419,7 +419,7 @@ pub struct ContextParams {
     pub offload_kqv: bool,
     /// Every sequence starts with greedy sampling in the compute graph (llama.cpp's
     /// backend sampling): a decode then returns each output's token and copies no
-    /// logits for it ([`Context::sampled_token`]; [`Context::set_device_greedy`] turns
+    /// logits for it ([`Context::sampled_tokens`]; [`Context::set_device_greedy`] turns
     /// it off for a sequence that samples on the host). At most one output per
     /// sequence per call then.
     pub device_greedy: bool,
@@ -571,11 +571,6 @@ impl<'m> Context<'m> {
             unsafe { ffi::llama_sampler_free(chain.as_ptr()) };
             Ok(true)
         }
-    }
-
-    /// Whether `seq` is sampled greedily in the graph.
-    pub fn device_greedy(&self, seq: i32) -> bool {
-        usize::try_from(seq).ok().and_then(|s| self.device_greedy.get(s)).is_some_and(|c| c.is_some())
     }
 
     /// The tokens llama.cpp's in-graph greedy samplers chose for positions `rows` of

@@ -266,7 +266,7 @@ struct BenchArgs {
     #[arg(long = "prefill", default_value_t = 512)]
     prefill: usize,
     /// Also prefill this many sequences of --prefill tokens at once, as `serve` feeds
-    /// prompts (calls of one micro-batch, each sequence a chunk).
+    /// prompts (calls of up to -b tokens, each sequence a chunk).
     #[arg(long = "prefill-seqs", default_value_t = 1)]
     prefill_seqs: usize,
     /// Timed repetitions (after one warm-up).
