@@ -3,6 +3,8 @@
 # prefill from empty with the tiled kernel and the dense path, then serving loads, f16
 # and logquant.
 #   STAGE=tests|bench|chunk|serve|all  LOADS="800:64 200:512" (prompt words:generated tokens)
+#   BUDGET=60GiB CTX=16384 CLIENTS=128 REQUESTS=128 EACH=170 (serve: the memory budget,
+#   context per sequence, load size and each server's time limit)
 #   CHUNKS="256" (serve: also logquant with each --lq-chunk)
 #   VARIANTS="f16=bs=--backend-sampling logquant=b512=-b+512" (serve: also these runs,
 #   each cache=tag=server flags with '+' for a space; the tag names the result files)
@@ -52,16 +54,16 @@ chunk|all)
 serve|all)
   for load in ${LOADS:-800:64 200:512}; do
     mkdir -p /tmp/res/w${load%:*}-g${load#*:}
-    BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=${CLIENTS:-128} \
+    BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=${BUDGET:-60GiB} CTX=${CTX:-16384} CLIENTS=${CLIENTS:-128} \
       REQUESTS=${REQUESTS:-128} WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS="${KVS:-f16 logquant}" scripts/benchmarks-cuda.sh serve
     for c in ${CHUNKS:-}; do
-      BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=${CLIENTS:-128} \
+      BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=${BUDGET:-60GiB} CTX=${CTX:-16384} CLIENTS=${CLIENTS:-128} \
         REQUESTS=${REQUESTS:-128} WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS=logquant SERVE_ARGS="--lq-chunk $c" TAG=-c$c \
         scripts/benchmarks-cuda.sh serve
     done
     for v in ${VARIANTS:-}; do
       kv=${v%%=*}; rest=${v#*=}
-      BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=60GiB CTX=16384 CLIENTS=${CLIENTS:-128} \
+      BIN=target/run/lq MODEL=$M WORK=/tmp OUT=/tmp/res/w${load%:*}-g${load#*:} BUDGET=${BUDGET:-60GiB} CTX=${CTX:-16384} CLIENTS=${CLIENTS:-128} \
         REQUESTS=${REQUESTS:-128} WORDS=${load%:*} GEN=${load#*:} EACH=${EACH:-170} KVS="$kv" \
         SERVE_ARGS="$(echo "${rest#*=}" | tr + ' ')" TAG=-${rest%%=*} scripts/benchmarks-cuda.sh serve
     done
