@@ -6,7 +6,7 @@
 #   BUDGET=60GiB CTX=16384 CLIENTS=128 REQUESTS=128 EACH=170 (serve: the memory budget,
 #   context per sequence, load size and each server's time limit)
 #   CHUNKS="256" (serve: also logquant with each --lq-chunk)
-#   VARIANTS="f16=bs=--backend-sampling logquant=b512=-b+512" (serve: also these runs,
+#   VARIANTS="f16=host=--host-sampling logquant=b512=-b+512" (serve: also these runs,
 #   each cache=tag=server flags with '+' for a space; the tag names the result files)
 # on the device, with target/dev/both.tar.xz carried (the stripped logquant binary `lq`
 # and the CUDA test binary `cuda-tests`, one xz stream: they share most of their bytes).

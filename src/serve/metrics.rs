@@ -15,7 +15,7 @@ pub struct Metrics {
     pub failed: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
-    /// Tokens sampled in llama.cpp's graph (greedy requests with --backend-sampling).
+    /// Tokens sampled in llama.cpp's graph (greedy requests, unless --host-sampling).
     pub device_sampled: AtomicU64,
     pub active_sequences: AtomicU64,
     pub decode_steps: AtomicU64,

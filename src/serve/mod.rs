@@ -66,8 +66,8 @@ pub struct ServeOptions {
     /// Two-tier caches: the most prompt tokens of one sequence per decode call
     /// (`ContextConfig::two_tier_chunk`).
     pub chunk: u32,
-    /// Greedy requests are sampled in llama.cpp's graph (`--backend-sampling`,
-    /// `ContextConfig::device_greedy`).
+    /// Greedy requests are sampled in llama.cpp's graph (the default; off with
+    /// `--host-sampling`; `ContextConfig::device_greedy`).
     pub device_greedy: bool,
 }
 

@@ -153,7 +153,7 @@ def check_concurrent_equals_alone(s):
     parts = sum(m[f"logquant_engine_{p}_seconds_total"] for p in ("llama_decode", "policy"))
     assert 0 < parts <= m["logquant_decode_seconds_total"] + 1e-3, m
     assert m["logquant_engine_sample_seconds_total"] > 0, m
-    # greedy requests are sampled in the graph (the server says --backend-sampling)
+    # greedy requests are sampled in the graph (the default)
     assert m["logquant_device_sampled_tokens_total"] >= sum(n for _, n in alone + together), m
 
 
@@ -307,7 +307,7 @@ def main():
     # micro-batches of 64 tokens: a call carries up to 64 tokens of each of the 4
     # sequences (256), which llama.cpp splits into micro-batches of several sequences
     main_server = Server(a.bin, a.model, "--kv", a.kv, "-c", "1024", "--parallel", "4", "--api-key", KEY, "-t", "1",
-                         "--ub", "64", "--backend-sampling")
+                         "--ub", "64")
     try:
         for f in (check_models, check_completion, check_chat, check_stream_equals_whole,
                   check_concurrent_equals_alone, check_sampled_beside_greedy, check_cancel_frees_sequence,
@@ -321,17 +321,18 @@ def main():
     # keys by channel: groups of 64 prompt tokens coded in each stream under load (the
     # newest 64 kept, so every demoted key is read by channel)
     by_channel = Server(a.bin, a.model, "--kv", "streaming:D=64:keys=channel", "-c", "1024", "--parallel", "4",
-                        "--api-key", KEY, "-t", "1", "--backend-sampling")
+                        "--api-key", KEY, "-t", "1")
     try:
         run("check_concurrent_equals_alone (keys by channel)", check_concurrent_equals_alone, by_channel)
     finally:
         by_channel.proc.kill()
 
-    # sampled on the host (the default): the same greedy answers as in the graph (they
+    # sampled on the host (--host-sampling): the same greedy answers as in the graph (they
     # could differ only on an exact tie of two logits, which the host breaks by the first
     # and ggml's CPU argmax by the last; one sequence's arithmetic does not depend on the
     # others')
-    small = Server(a.bin, a.model, "--kv", a.kv, "-c", "512", "--parallel", "1", "--queue", "1", "-t", "1")
+    small = Server(a.bin, a.model, "--kv", a.kv, "-c", "512", "--parallel", "1", "--queue", "1", "-t", "1",
+                   "--host-sampling")
     try:
         def same_on_host(s):
             got = [complete(s, p) for p in prompts(4)]
