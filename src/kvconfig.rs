@@ -402,7 +402,7 @@ mod tests {
         let k3 = KvConfig::parse("logquant:D=126:k=lq3:keys=channel").unwrap();
         assert_eq!((k3.k, k3.v, k3.keys_by_channel), (KvCacheType::Lq3, KvCacheType::Lq2, true));
         assert_eq!(k3.to_string(), "logquant:D=126:k=lq3:keys=channel");
-        assert_eq!(k3.bits_per_value(), 3.0);
+        assert_eq!(k3.bits_per_value(), 2.875);
         for bad in [
             "logquant:center=x",
             "logquant:k=q3_0",

@@ -2,11 +2,12 @@
 //! `lq3`), written from their definition (patches/files/ggml/src/ggml-lq2.h) to check
 //! the C kernels:
 //!
-//! x ~= m + d * q, q in {0..qmax} (qmax 3 for lq2, 7 for lq3), per group of 64 values,
-//! d and m stored as f16 (20 or 28 bytes per 64 values: 2.5 or 3.5 bits per value). m
-//! and d start at min and (max - min) / qmax and are refined by least squares (a few
+//! x ~= m + d * q, q in {0..qmax} (qmax 3 for lq2, 7 for lq3), per group of 64 values.
+//! m and d start at min and (max - min) / qmax and are refined by least squares (a few
 //! Lloyd rounds on the uniform grid), which halves the squared error on Gaussian-like
-//! data at the price of clipping extremes.
+//! data at the price of clipping extremes. lq2 stores d and m as f16 (20 bytes per 64
+//! values, 2.5 bits); lq3 as a byte each, d as an 8-bit float and m in half steps (26
+//! bytes, 3.25 bits: [`lq3_step`], [`lq3_scale`]).
 
 use crate::gguf::{f16_bits_to_f32, f32_to_f16_bits};
 
@@ -19,7 +20,8 @@ pub const BLOCK_BYTES: usize = 20;
 pub enum Format {
     /// 2 bits a value: d, m, 16 bytes of codes (20 bytes).
     Lq2,
-    /// 3 bits a value: d, m, the low 2 bits as in lq2, then 8 bytes of high bits (28 bytes).
+    /// 3 bits a value: d and m a byte each, the low 2 bits as in lq2, then 8 bytes of
+    /// high bits (26 bytes).
     Lq3,
 }
 
@@ -35,7 +37,7 @@ impl Format {
     pub fn block_bytes(self) -> usize {
         match self {
             Format::Lq2 => BLOCK_BYTES,
-            Format::Lq3 => 28,
+            Format::Lq3 => 26,
         }
     }
 
@@ -97,6 +99,30 @@ fn fit(group: &[f32], m0: f32, d0: f32, qmax: u8) -> (f32, f32) {
     ((m as f32).clamp(-F16_MAX, F16_MAX), (d as f32).clamp(-F16_MAX, F16_MAX))
 }
 
+/// lq3's byte step `c`: (16 + c % 16) 2^(c / 16 - 12), 2^-8 .. 248 (exact in f32).
+pub fn lq3_step(c: u8) -> f32 {
+    (16 + (c & 15)) as f32 * f32::from_bits(((c >> 4) as u32 + 127 - 12) << 23)
+}
+
+/// lq3's step and minimum bytes for the fitted minimum `m0` and step `d0`: the nearest
+/// byte step (the first of two equally near), raised until 63.5 steps reach |m0|, and
+/// m0 in half steps of it, rounded to nearest (halves away from zero), within ±127.
+pub fn lq3_scale(m0: f32, d0: f32) -> (u8, i8) {
+    let mut best = 0u8;
+    let mut err = (lq3_step(0) - d0).abs();
+    for c in 1..=255u8 {
+        let e = (lq3_step(c) - d0).abs();
+        if e < err {
+            (err, best) = (e, c);
+        }
+    }
+    while best < 255 && lq3_step(best) * 63.5 < m0.abs() {
+        best += 1;
+    }
+    let k = (2.0 * m0 / lq3_step(best)).round().clamp(-127.0, 127.0);
+    (best, k as i8)
+}
+
 /// Quantizes `x` (a multiple of 64 values) into lq2 blocks.
 pub fn quantize(x: &[f32]) -> Vec<u8> {
     quantize_as(Format::Lq2, x)
@@ -112,11 +138,18 @@ pub fn quantize_as(format: Format, x: &[f32]) -> Vec<u8> {
         let (lo, hi) = finite_or_inf.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
         let (lo, hi) = if lo > hi { (0.0, 0.0) } else { (lo.clamp(-F16_MAX, F16_MAX), hi.clamp(-F16_MAX, F16_MAX)) };
         let (m0, d0) = fit(group, lo, (hi - lo) / qmax as f32, qmax);
-        let m_bits = f32_to_f16_bits(m0);
-        let d_bits = f32_to_f16_bits(d0);
-        let (m, d) = (f16_bits_to_f32(m_bits), f16_bits_to_f32(d_bits));
-        out.extend(d_bits.to_le_bytes());
-        out.extend(m_bits.to_le_bytes());
+        let (m, d) = if format == Format::Lq3 {
+            let (d8, m8) = lq3_scale(m0, d0);
+            out.extend([d8, m8 as u8]);
+            let d = lq3_step(d8);
+            (0.5 * d * m8 as f32, d)
+        } else {
+            let m_bits = f32_to_f16_bits(m0);
+            let d_bits = f32_to_f16_bits(d0);
+            out.extend(d_bits.to_le_bytes());
+            out.extend(m_bits.to_le_bytes());
+            (f16_bits_to_f32(m_bits), f16_bits_to_f32(d_bits))
+        };
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut low = [0u8; BLOCK_VALUES / 4];
         let mut high = [0u8; BLOCK_VALUES / 8];
@@ -144,12 +177,12 @@ pub fn dequantize_as(format: Format, blocks: &[u8]) -> Vec<f32> {
     assert_eq!(blocks.len() % bb, 0);
     let mut out = Vec::with_capacity(blocks.len() / bb * BLOCK_VALUES);
     for b in blocks.chunks(bb) {
-        let d = f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
-        let m = f16_bits_to_f32(u16::from_le_bytes([b[2], b[3]]));
+        let (m, d) = block_params_as(format, b);
+        let codes = if format == Format::Lq3 { 2 } else { 4 };
         for j in 0..BLOCK_VALUES {
-            let mut q = (b[4 + j / 4] >> (2 * (j % 4))) & 3;
+            let mut q = (b[codes + j / 4] >> (2 * (j % 4))) & 3;
             if format == Format::Lq3 {
-                q |= ((b[20 + j / 8] >> (j % 8)) & 1) << 2;
+                q |= ((b[codes + 16 + j / 8] >> (j % 8)) & 1) << 2;
             }
             out.push(m + d * q as f32);
         }
@@ -200,11 +233,23 @@ pub fn error_bound_as(format: Format, x: f32, m: f32, d: f32) -> f32 {
     (0.5 * d).max(outside) * (1.0 + eps) + eps * (m.abs() + top) + 1e-30
 }
 
-/// The minimum and step a block stores.
+/// The minimum and step an lq2 block stores.
 pub fn block_params(block: &[u8]) -> (f32, f32) {
-    let d = f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]]));
-    let m = f16_bits_to_f32(u16::from_le_bytes([block[2], block[3]]));
-    (m, d)
+    block_params_as(Format::Lq2, block)
+}
+
+/// The minimum and step a block of `format` stores.
+pub fn block_params_as(format: Format, block: &[u8]) -> (f32, f32) {
+    match format {
+        Format::Lq2 => (
+            f16_bits_to_f32(u16::from_le_bytes([block[2], block[3]])),
+            f16_bits_to_f32(u16::from_le_bytes([block[0], block[1]])),
+        ),
+        Format::Lq3 => {
+            let d = lq3_step(block[0]);
+            (0.5 * d * block[1] as i8 as f32, d)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -238,11 +283,13 @@ mod tests {
     fn eight_levels_round_trip_exactly_in_lq3() {
         let x: Vec<f32> = (0..64).map(|i| (i % 8) as f32 * 0.5 - 1.0).collect();
         let blocks = quantize_as(Format::Lq3, &x);
-        assert_eq!(blocks.len(), 28);
+        assert_eq!(blocks.len(), 26);
         assert_eq!(dequantize_as(Format::Lq3, &blocks), x);
+        // step 0.5 (byte 112: 16 * 2^-5), minimum -1 = -4 half steps
+        assert_eq!((blocks[0], blocks[1] as i8), (112, -4));
         // the low bits are lq2's layout
-        assert_eq!(blocks[4] & 3, 0);
-        assert_eq!(blocks[20], 0b1111_0000);
+        assert_eq!(blocks[2] & 3, 0);
+        assert_eq!(blocks[18], 0b1111_0000);
     }
 
     #[test]

@@ -120,7 +120,7 @@ proptest! {
         let blocks = c::quantize_as(Format::Lq3, &x, false).unwrap();
         let y = lq2::dequantize_as(Format::Lq3, &blocks);
         for (g, (xs, ys)) in x.chunks(64).zip(y.chunks(64)).enumerate() {
-            let (m, d) = lq2::block_params(&blocks[g * Format::Lq3.block_bytes()..]);
+            let (m, d) = lq2::block_params_as(Format::Lq3, &blocks[g * Format::Lq3.block_bytes()..]);
             for (&a, &b) in xs.iter().zip(ys) {
                 let bound = lq2::error_bound_as(Format::Lq3, a, m, d);
                 prop_assert!((a.clamp(-65504.0, 65504.0) - b).abs() <= bound, "group {}: {} -> {} exceeds {}", g, a, b, bound);
@@ -142,7 +142,7 @@ proptest! {
 
 #[test]
 fn lq3_levels_and_edge_cases() {
-    assert_eq!(c::block_bytes_of(Format::Lq3), 28);
+    assert_eq!(c::block_bytes_of(Format::Lq3), 26);
     // every level 0..7 once per 8 values: exact, and the dot with ones is 64 * 3.5
     let x: Vec<f32> = (0..64).map(|i| (i % 8) as f32).collect();
     let blocks = c::quantize_as(Format::Lq3, &x, false).unwrap();
@@ -175,5 +175,6 @@ fn lq3_error_is_a_quarter_of_lq2s_on_gaussian_data() {
     let sq = |y: Vec<f32>| x.iter().zip(&y).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>();
     let e2 = sq(lq2::dequantize(&c::quantize(&x, false).unwrap()));
     let e3 = sq(lq2::dequantize_as(Format::Lq3, &c::quantize_as(Format::Lq3, &x, false).unwrap()));
-    assert!(e3 < 0.3 * e2, "lq3 {e3} vs lq2 {e2}");
+    // (about 0.27 with f16 step and minimum; lq3's byte step and half-step minimum add a few %)
+    assert!(e3 < 0.32 * e2, "lq3 {e3} vs lq2 {e2}");
 }

@@ -52,7 +52,7 @@ pub enum GgmlType {
     /// logquant's 2-bit KV format (patches/files/ggml/src/ggml-lq2.h): groups of 64,
     /// f16 step and minimum, 2.5 bits per value. Exists only in the patched ggml.
     Lq2,
-    /// The same with 3-bit codes, 3.5 bits per value.
+    /// 3-bit codes with a byte step and minimum, 3.25 bits per value.
     Lq3,
 }
 
@@ -218,7 +218,7 @@ impl GgmlType {
             // block_q2_0: d + qs[16], QK2_0 = 64
             Q2_0 => (42, "q2_0", 64, 18),
             Lq2 => (43, "lq2", 64, 20),
-            Lq3 => (44, "lq3", 64, 28),
+            Lq3 => (44, "lq3", 64, 26),
         }
     }
 }
@@ -254,7 +254,7 @@ pub enum KvCacheType {
     Q5_1,
     /// logquant's 2-bit format (2.5 bits per value), only in this project's build.
     Lq2,
-    /// logquant's 3-bit format (3.5 bits per value), only in this project's build.
+    /// logquant's 3-bit format (3.25 bits per value), only in this project's build.
     Lq3,
 }
 
@@ -382,7 +382,7 @@ mod tests {
         assert_eq!(KvCacheType::ALL.len(), 11);
         assert_eq!(KvCacheType::ALL.iter().filter(|t| t.is_stock()).count(), 9);
         assert_eq!(KvCacheType::Lq2.bits_per_value(), 2.5);
-        assert_eq!(KvCacheType::Lq3.bits_per_value(), 3.5);
+        assert_eq!(KvCacheType::Lq3.bits_per_value(), 3.25);
         for t in KvCacheType::ALL {
             assert_eq!(KvCacheType::from_name(t.name()), Some(t));
         }

@@ -39,7 +39,7 @@ LLAMA_API bool logquant_memory_breakdown(const struct llama_context * ctx, struc
 
 //
 // The 2- and 3-bit KV formats (GGML_TYPE_LQ2 and GGML_TYPE_LQ3, ggml-lq2.h): 64 values
-// per block of 20 or 28 bytes; `type` is one of the two (a ggml_type value). These
+// per block of 20 or 26 bytes; `type` is one of the two (a ggml_type value). These
 // entry points run exactly the functions the KV cache uses, so tests can check them
 // against an independent implementation. n must be a multiple of 64; the functions
 // return false (and write nothing) otherwise, on another type or on NULL pointers.

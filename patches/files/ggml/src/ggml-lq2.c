@@ -26,6 +26,13 @@ const float ggml_lq2_levels[256][4] = { LQ2_R64(0), LQ2_R64(64), LQ2_R64(128), L
 
 const float ggml_lq3_high[256][8] = { LQ3_R64(0), LQ3_R64(64), LQ3_R64(128), LQ3_R64(192) };
 
+#define LQ3_S(c)   ((float) (16 + ((c) & 15)) * (1.0f / 4096.0f) * (float) (1 << ((c) >> 4)))
+#define LQ3_S4(c)  LQ3_S(c), LQ3_S((c) + 1), LQ3_S((c) + 2), LQ3_S((c) + 3)
+#define LQ3_S16(c) LQ3_S4(c), LQ3_S4((c) + 4), LQ3_S4((c) + 8), LQ3_S4((c) + 12)
+#define LQ3_S64(c) LQ3_S16(c), LQ3_S16((c) + 16), LQ3_S16((c) + 32), LQ3_S16((c) + 48)
+
+const float ggml_lq3_steps[256] = { LQ3_S64(0), LQ3_S64(64), LQ3_S64(128), LQ3_S64(192) };
+
 // Largest finite f16.
 #define LQ2_F16_MAX 65504.0f
 
@@ -87,8 +94,9 @@ static void lq2_fit(const float * x, float * m_io, float * d_io, int qmax) {
     *d_io = lq2_clamp_f16((float) d);
 }
 
-// One block of 64 values: the minimum m, the step d and the levels q[j] in 0..qmax.
-static void lq_quantize_block(const float * xb, int qmax, ggml_fp16_t * d_out, ggml_fp16_t * m_out, uint8_t * q) {
+// One block of 64 values: min/max, refined by least squares into the minimum *m and
+// the step *d (clamped to the f16 range).
+static void lq_fit_block(const float * xb, int qmax, float * m, float * d) {
     float mn = INFINITY;
     float mx = -INFINITY;
     for (int j = 0; j < QK_LQ2; j++) {
@@ -102,9 +110,15 @@ static void lq_quantize_block(const float * xb, int qmax, ggml_fp16_t * d_out, g
     mn = lq2_clamp_f16(mn);
     mx = lq2_clamp_f16(mx);
 
-    float m0 = mn;
-    float d0 = (mx - mn) / (float) qmax;
-    lq2_fit(xb, &m0, &d0, qmax);
+    *m = mn;
+    *d = (mx - mn) / (float) qmax;
+    lq2_fit(xb, m, d, qmax);
+}
+
+// LQ2's block: m and d as f16, then the levels q[j] in 0..qmax.
+static void lq_quantize_block(const float * xb, int qmax, ggml_fp16_t * d_out, ggml_fp16_t * m_out, uint8_t * q) {
+    float m0, d0;
+    lq_fit_block(xb, qmax, &m0, &d0);
 
     // Quantize against the values the block will really hold (f16-rounded), so
     // the rounding of q is consistent with the dequantized levels.
@@ -119,6 +133,30 @@ static void lq_quantize_block(const float * xb, int qmax, ggml_fp16_t * d_out, g
     for (int j = 0; j < QK_LQ2; j++) {
         q[j] = (uint8_t) lq2_level(xb[j], m, id, qmax);
     }
+}
+
+// LQ3's step and minimum bytes for the fitted (m0, d0): the nearest byte step (the
+// first of two equally near), raised until 63.5 steps reach |m0|, then m0 in half steps
+// rounded to nearest (halves away from zero). Every product here is exact in f32;
+// lq2.cuh and src/lq2.rs repeat it bit for bit.
+static void lq3_scale(float m0, float d0, uint8_t * d8, int8_t * m8) {
+    int best = 0;
+    float err = fabsf(ggml_lq3_steps[0] - d0);
+    for (int c = 1; c < 256; c++) {
+        const float e = fabsf(ggml_lq3_steps[c] - d0);
+        if (e < err) {
+            err = e;
+            best = c;
+        }
+    }
+    const float am = fabsf(m0);
+    while (best < 255 && ggml_lq3_steps[best] * 63.5f < am) {
+        best++;
+    }
+    float k = roundf(2.0f * m0 / ggml_lq3_steps[best]);
+    k = k < -127.0f ? -127.0f : (k > 127.0f ? 127.0f : k);
+    *d8 = (uint8_t) best;
+    *m8 = (int8_t) k;
 }
 
 void quantize_row_lq2_ref(const float * x, block_lq2 * y, int64_t k) {
@@ -140,13 +178,18 @@ void quantize_row_lq3_ref(const float * x, block_lq3 * y, int64_t k) {
     const int64_t nb = k / QK_LQ2;
 
     for (int64_t i = 0; i < nb; i++) {
-        uint8_t q[QK_LQ2];
-        lq_quantize_block(x + i*QK_LQ2, 7, &y[i].d, &y[i].m, q);
+        const float * xb = x + i*QK_LQ2;
+        float m0, d0;
+        lq_fit_block(xb, 7, &m0, &d0);
+        lq3_scale(m0, d0, &y[i].d8, &y[i].m8);
+        const float m  = ggml_lq3_min(&y[i]);
+        const float id = 1.0f / ggml_lq3_step(&y[i]);
         memset(y[i].qs, 0, sizeof(y[i].qs));
         memset(y[i].qh, 0, sizeof(y[i].qh));
         for (int j = 0; j < QK_LQ2; j++) {
-            y[i].qs[j/4] |= (uint8_t) ((q[j] & 3) << (2*(j%4)));
-            y[i].qh[j/8] |= (uint8_t) ((q[j] >> 2) << (j%8));
+            const int q = lq2_level(xb[j], m, id, 7);
+            y[i].qs[j/4] |= (uint8_t) ((q & 3) << (2*(j%4)));
+            y[i].qh[j/8] |= (uint8_t) ((q >> 2) << (j%8));
         }
     }
 }
@@ -190,8 +233,8 @@ void dequantize_row_lq3(const block_lq3 * x, float * y, int64_t k) {
     const int64_t nb = k / QK_LQ2;
 
     for (int64_t i = 0; i < nb; i++) {
-        const float d = GGML_FP16_TO_FP32(x[i].d);
-        const float m = GGML_FP16_TO_FP32(x[i].m);
+        const float d = ggml_lq3_step(&x[i]);
+        const float m = ggml_lq3_min(&x[i]);
         float * yb = y + i*QK_LQ2;
         for (int j = 0; j < QK_LQ2; j++) {
             yb[j] = m + d*(ggml_lq2_levels[x[i].qs[j/4]][j%4] + ggml_lq3_high[x[i].qh[j/8]][j%8]);
@@ -247,8 +290,8 @@ void dequantize_lq3_by_channel_row(const block_lq3 * group, int t, int64_t j0, i
     const int byte = t / 4, shift = 2 * (t % 4);
     for (int64_t j = 0; j < nj; j++) {
         const block_lq3 * b = group + j0 + j;
-        const float d = GGML_FP16_TO_FP32(b->d);
-        const float m = GGML_FP16_TO_FP32(b->m);
+        const float d = ggml_lq3_step(b);
+        const float m = ggml_lq3_min(b);
         const int   q = ((b->qs[byte] >> shift) & 3) | (((b->qh[t / 8] >> (t % 8)) & 1) << 2);
         y[j] = m + d * (float) q;
     }

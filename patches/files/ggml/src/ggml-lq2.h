@@ -37,16 +37,33 @@ typedef struct {
 // a lookup that turns 2-bit codes into floats 4 at a time.
 extern const float ggml_lq2_levels[256][4];
 
-// LQ3: the same with 3 bits, q in {0..7}, d = (max - min) / 7, for a K store that
-// needs more than V: 2 + 2 + 16 + 8 = 28 bytes per 64 values = 3.5 bits. The low two
-// bits of value j sit as in LQ2 (qs[j / 4], bits 2 * (j % 4)), the third in qh[j / 8],
-// bit j % 8, so the LQ2 level table decodes the low bits of both.
+// LQ3: the same with 3 bits, q in {0..7}, for a K store that needs more than V, with
+// the step and the minimum in a byte each: d = ggml_lq3_steps[d8], an 8-bit float
+// (d8 = 16 e + f: (16 + f) 2^(e - 12), i.e. 2^-8 .. 248 in steps of 1/16 of an octave),
+// and m = m8 * d / 2 (half steps, |m| <= 63.5 d). 1 + 1 + 16 + 8 = 26 bytes per 64
+// values = 3.25 bits. The least-squares fit is LQ2's; its step is then rounded to the
+// nearest byte step (up where the minimum needs more than 63.5 steps), its minimum to
+// the nearest half step. The low two bits of value j sit as in LQ2 (qs[j / 4], bits
+// 2 * (j % 4)), the third in qh[j / 8], bit j % 8, so the LQ2 level table decodes the
+// low bits of both. A constant group decodes within d / 2 of its value; a NaN input
+// encodes as q = 0.
 typedef struct {
-    ggml_fp16_t d;
-    ggml_fp16_t m;
-    uint8_t     qs[QK_LQ2/4]; // low 2 bits
-    uint8_t     qh[QK_LQ2/8]; // high bit
+    uint8_t d8;               // the step: ggml_lq3_steps[d8]
+    int8_t  m8;               // the minimum in half steps
+    uint8_t qs[QK_LQ2/4];     // low 2 bits
+    uint8_t qh[QK_LQ2/8];     // high bit
 } block_lq3;
+
+// ggml_lq3_steps[c] = (16 + c % 16) * 2^(c / 16 - 12): every value exact in f32, as is
+// the minimum m8 * d / 2.
+extern const float ggml_lq3_steps[256];
+
+static inline float ggml_lq3_step(const block_lq3 * b) {
+    return ggml_lq3_steps[b->d8];
+}
+static inline float ggml_lq3_min(const block_lq3 * b) {
+    return 0.5f * ggml_lq3_steps[b->d8] * (float) b->m8;
+}
 
 // ggml_lq3_high[b] = the high-bit parts (0 or 4, as floats) of the 8 values of byte b.
 extern const float ggml_lq3_high[256][8];
@@ -73,7 +90,7 @@ size_t quantize_lq3(const float * src, void * dst, int64_t nrow, int64_t n_per_r
 void quantize_lq2_by_channel(const float * x, block_lq2 * group, int64_t n);
 // Row t of a group held by channel, channels [j0, j0 + nj): y[j] = m + d * q of block j0 + j.
 void dequantize_lq2_by_channel_row(const block_lq2 * group, int t, int64_t j0, int64_t nj, float * y);
-// The same for an LQ3 K store (n blocks of 28 bytes per group).
+// The same for an LQ3 K store (n blocks of 26 bytes per group).
 void quantize_lq3_by_channel(const float * x, block_lq3 * group, int64_t n);
 void dequantize_lq3_by_channel_row(const block_lq3 * group, int t, int64_t j0, int64_t nj, float * y);
 

@@ -45,6 +45,12 @@ struct head_state {
 // vector loop (8 cells a lane group, the 64 sums in registers) is the scalar one's
 // arithmetic. Without it a group cost ~2x a per-token row's decode and dot product per
 // cell (the table lookups stayed scalar): half the time of a keys-by-channel prefill.
+// A block's step and minimum (f16 in LQ2, bytes in LQ3: ggml-lq2.h).
+static inline float block_step(const block_lq2 & b) { return GGML_CPU_FP16_TO_FP32(b.d); }
+static inline float block_min(const block_lq2 & b) { return GGML_CPU_FP16_TO_FP32(b.m); }
+static inline float block_step(const block_lq3 & b) { return ggml_lq3_step(&b); }
+static inline float block_min(const block_lq3 & b) { return ggml_lq3_min(&b); }
+
 template <typename block>
 static void group_scores_by_channel(const block * blk, int64_t DK, const float * q, float * out) {
     constexpr bool LQ3 = std::is_same<block, block_lq3>::value;
@@ -55,8 +61,8 @@ static void group_scores_by_channel(const block * blk, int64_t DK, const float *
         acc[i] = _mm256_setzero_ps();
     }
     for (int64_t d = 0; d < DK; ++d) {
-        const float a = q[d]*GGML_CPU_FP16_TO_FP32(blk[d].d);
-        base += q[d]*GGML_CPU_FP16_TO_FP32(blk[d].m);
+        const float a = q[d]*block_step(blk[d]);
+        base += q[d]*block_min(blk[d]);
         const __m256 va = _mm256_set1_ps(a);
         for (int i = 0; i < QK_LQ2/8; ++i) {
             const __m256 low = _mm256_set_m128(_mm_loadu_ps(ggml_lq2_levels[blk[d].qs[2*i + 1]]),
@@ -74,8 +80,8 @@ static void group_scores_by_channel(const block * blk, int64_t DK, const float *
 #else
     float acc[QK_LQ2] = {};
     for (int64_t d = 0; d < DK; ++d) {
-        const float a = q[d]*GGML_CPU_FP16_TO_FP32(blk[d].d);
-        base += q[d]*GGML_CPU_FP16_TO_FP32(blk[d].m);
+        const float a = q[d]*block_step(blk[d]);
+        base += q[d]*block_min(blk[d]);
         for (int t = 0; t < QK_LQ2; ++t) {
             acc[t] = fmaf(a, ggml_lq2_levels[blk[d].qs[t/4]][t%4], acc[t]);
             if constexpr (LQ3) {

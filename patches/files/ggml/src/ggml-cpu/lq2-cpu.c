@@ -80,8 +80,8 @@ void ggml_vec_dot_lq3_f32(int n, float * s, size_t bs, const void * vx, size_t b
     const float (*lut)[4] = ggml_lq2_levels;
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < nb; i++) {
-        const __m256 d = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x[i].d));
-        const __m256 m = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x[i].m));
+        const __m256 d = _mm256_set1_ps(ggml_lq3_step(&x[i]));
+        const __m256 m = _mm256_set1_ps(ggml_lq3_min(&x[i]));
         const uint8_t * qs = x[i].qs;
         const float * yb = y + i*QK_LQ2;
         for (int k = 0; k < QK_LQ2/8; k++) {
@@ -97,8 +97,8 @@ void ggml_vec_dot_lq3_f32(int n, float * s, size_t bs, const void * vx, size_t b
 #else
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
-        const float d = GGML_CPU_FP16_TO_FP32(x[i].d);
-        const float m = GGML_CPU_FP16_TO_FP32(x[i].m);
+        const float d = ggml_lq3_step(&x[i]);
+        const float m = ggml_lq3_min(&x[i]);
         const float * yb = y + i*QK_LQ2;
         float sy = 0.0f, sqy = 0.0f;
         for (int j = 0; j < QK_LQ2; j++) {

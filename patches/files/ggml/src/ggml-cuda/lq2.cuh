@@ -3,7 +3,8 @@
 // the value of one entry of a block.
 //
 // It repeats ggml-lq2.c's quantize_row_lq2_ref / quantize_row_lq3_ref (min/max, then the
-// least-squares fit of step and minimum in double precision) with round-to-nearest
+// least-squares fit of step and minimum in double precision, then LQ3's byte step and
+// half-step minimum) with round-to-nearest
 // intrinsics, so that --use_fast_math changes none of its arithmetic: the blocks equal
 // the CPU's except where an input is an f32 denormal (flushed to zero here).
 #pragma once
@@ -37,12 +38,21 @@ static __device__ __forceinline__ int lq_code(const block_lq3 & b, const int j) 
     return ((b.qs[j/4] >> (2*(j%4))) & 3) | (((b.qh[j/8] >> (j%8)) & 1) << 2);
 }
 
+// LQ3's byte step c: (16 + c % 16) 2^(c / 16 - 12), exact (ggml-lq2.c's ggml_lq3_steps).
+static __device__ __forceinline__ float lq3_cuda_step(const int c) {
+    return __fmul_rn((float) (16 + (c & 15)), __int_as_float(((c >> 4) - 12 + 127) << 23));
+}
+
 // Value j of a block: m + d*q (fused here; the CPU's dequantize_row_lq2/lq3 may round
 // d*q first: the same value once rounded to f16, or within an f32 ulp).
-template <typename block>
-static __device__ __forceinline__ float lq_value(const block & b, const int j) {
+static __device__ __forceinline__ float lq_value(const block_lq2 & b, const int j) {
     const float d = __half2float(__ushort_as_half(b.d)); // (ggml_fp16_t: the bits of a half)
     const float m = __half2float(__ushort_as_half(b.m));
+    return fmaf(d, (float) lq_code(b, j), m);
+}
+static __device__ __forceinline__ float lq_value(const block_lq3 & b, const int j) {
+    const float d = lq3_cuda_step(b.d8);
+    const float m = __fmul_rn(__fmul_rn(0.5f, d), (float) b.m8); // exact, as ggml_lq3_min
     return fmaf(d, (float) lq_code(b, j), m);
 }
 
@@ -117,11 +127,39 @@ static __device__ void quantize_lq_warp(const float * __restrict__ x, block * __
         m = m2;
         d = d2;
     }
-    const half  m_h = __float2half_rn(lq2_cuda_clamp((float) m));
-    const half  d_h = __float2half_rn(lq2_cuda_clamp((float) d));
-    const float mq  = __half2float(m_h);
-    const float dq  = __half2float(d_h);
-    const float id  = dq > 0.0f ? __fdiv_rn(1.0f, dq) : 0.0f;
+    const float mf = lq2_cuda_clamp((float) m);
+    const float df = lq2_cuda_clamp((float) d);
+    float mq, dq;
+    uint32_t head; // the block's first bytes: f16 d and m (LQ2), or the step and minimum bytes (LQ3)
+    if constexpr (QMAX == 7) {
+        // ggml-lq2.c's lq3_scale, in every lane: the nearest byte step, raised until
+        // 63.5 steps reach |m|, and m in half steps
+        int best = 0;
+        float err = fabsf(__fsub_rn(lq3_cuda_step(0), df));
+        for (int c = 1; c < 256; c++) {
+            const float e = fabsf(__fsub_rn(lq3_cuda_step(c), df));
+            if (e < err) {
+                err = e;
+                best = c;
+            }
+        }
+        const float am = fabsf(mf);
+        while (best < 255 && __fmul_rn(lq3_cuda_step(best), 63.5f) < am) {
+            best++;
+        }
+        dq = lq3_cuda_step(best);
+        float k = roundf(__fdiv_rn(__fmul_rn(2.0f, mf), dq));
+        k = k < -127.0f ? -127.0f : (k > 127.0f ? 127.0f : k);
+        mq = __fmul_rn(__fmul_rn(0.5f, dq), k);
+        head = (uint32_t) best | ((uint32_t) (uint8_t) (int8_t) k << 8);
+    } else {
+        const half m_h = __float2half_rn(mf);
+        const half d_h = __float2half_rn(df);
+        mq = __half2float(m_h);
+        dq = __half2float(d_h);
+        head = (uint32_t) __half_as_ushort(d_h) | ((uint32_t) __half_as_ushort(m_h) << 16);
+    }
+    const float id = dq > 0.0f ? __fdiv_rn(1.0f, dq) : 0.0f;
     // values 2*lane and 2*lane + 1: low bits 4*(lane % 2) .. +3 of byte lane/2 of qs
     const int q0 = lq2_cuda_level<QMAX>(xv[0], mq, id);
     const int q1 = lq2_cuda_level<QMAX>(xv[1], mq, id);
@@ -140,8 +178,13 @@ static __device__ void quantize_lq_warp(const float * __restrict__ x, block * __
         }
     }
     if (lane == 0) {
-        y->d = __half_as_ushort(d_h);
-        y->m = __half_as_ushort(m_h);
+        if constexpr (QMAX == 7) {
+            y->d8 = (uint8_t) (head & 0xff);
+            y->m8 = (int8_t) (uint8_t) (head >> 8);
+        } else {
+            y->d = (ggml_fp16_t) (head & 0xffff);
+            y->m = (ggml_fp16_t) (head >> 16);
+        }
     }
 }
 
