@@ -33,6 +33,9 @@ const float ggml_lq3_high[256][8] = { LQ3_R64(0), LQ3_R64(64), LQ3_R64(128), LQ3
 
 const float ggml_lq3_steps[256] = { LQ3_S64(0), LQ3_S64(64), LQ3_S64(128), LQ3_S64(192) };
 
+_Static_assert(sizeof(block_lq2) == 20, "lq2 blocks are 20 bytes");
+_Static_assert(sizeof(block_lq3) == 26, "lq3 blocks are 26 bytes");
+
 // Largest finite f16.
 #define LQ2_F16_MAX 65504.0f
 

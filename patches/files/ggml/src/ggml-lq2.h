@@ -46,7 +46,11 @@ extern const float ggml_lq2_levels[256][4];
 // the nearest half step. The low two bits of value j sit as in LQ2 (qs[j / 4], bits
 // 2 * (j % 4)), the third in qh[j / 8], bit j % 8, so the LQ2 level table decodes the
 // low bits of both. A constant group decodes within d / 2 of its value; a NaN input
-// encodes as q = 0.
+// encodes as q = 0. The byte pair narrows what LQ2's f16 pair covers: a group spanning
+// more than 7 * 248 = 1736 is clipped, |m| reaches 127 * 248 / 2 = 15748 at most, a
+// group whose minimum sits more than 63.5 of its own steps from zero gets a coarser
+// step (keys centered or rotated, as the cache stores them, rarely do), and the
+// smallest step is 2^-8 (error <= 0.002 on a group of smaller spread).
 typedef struct {
     uint8_t d8;               // the step: ggml_lq3_steps[d8]
     int8_t  m8;               // the minimum in half steps
