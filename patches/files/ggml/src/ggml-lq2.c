@@ -118,8 +118,9 @@ static void lq_fit_block(const float * xb, int qmax, float * m, float * d) {
     lq2_fit(xb, m, d, qmax);
 }
 
-// LQ2's block: m and d as f16, then the levels q[j] in 0..qmax.
-static void lq_quantize_block(const float * xb, int qmax, ggml_fp16_t * d_out, ggml_fp16_t * m_out, uint8_t * q) {
+// LQ2's block: m and d as f16, then the levels q[j] in 0..3.
+static void lq2_quantize_block(const float * xb, ggml_fp16_t * d_out, ggml_fp16_t * m_out, uint8_t * q) {
+    const int qmax = 3;
     float m0, d0;
     lq_fit_block(xb, qmax, &m0, &d0);
 
@@ -168,7 +169,7 @@ void quantize_row_lq2_ref(const float * x, block_lq2 * y, int64_t k) {
 
     for (int64_t i = 0; i < nb; i++) {
         uint8_t q[QK_LQ2];
-        lq_quantize_block(x + i*QK_LQ2, 3, &y[i].d, &y[i].m, q);
+        lq2_quantize_block(x + i*QK_LQ2, &y[i].d, &y[i].m, q);
         memset(y[i].qs, 0, sizeof(y[i].qs));
         for (int j = 0; j < QK_LQ2; j++) {
             y[i].qs[j/4] |= (uint8_t) (q[j] << (2*(j%4)));

@@ -130,7 +130,6 @@ static __device__ void quantize_lq_warp(const float * __restrict__ x, block * __
     const float mf = lq2_cuda_clamp((float) m);
     const float df = lq2_cuda_clamp((float) d);
     float mq, dq;
-    uint32_t head; // the block's first bytes: f16 d and m (LQ2), or the step and minimum bytes (LQ3)
     if constexpr (QMAX == 7) {
         // ggml-lq2.c's lq3_scale, in every lane: the nearest byte step, raised until
         // 63.5 steps reach |m|, and m in half steps
@@ -151,13 +150,19 @@ static __device__ void quantize_lq_warp(const float * __restrict__ x, block * __
         float k = roundf(__fdiv_rn(__fmul_rn(2.0f, mf), dq));
         k = k < -127.0f ? -127.0f : (k > 127.0f ? 127.0f : k);
         mq = __fmul_rn(__fmul_rn(0.5f, dq), k);
-        head = (uint32_t) best | ((uint32_t) (uint8_t) (int8_t) k << 8);
+        if (lane == 0) {
+            y->d8 = (uint8_t) best;
+            y->m8 = (int8_t) k;
+        }
     } else {
         const half m_h = __float2half_rn(mf);
         const half d_h = __float2half_rn(df);
         mq = __half2float(m_h);
         dq = __half2float(d_h);
-        head = (uint32_t) __half_as_ushort(d_h) | ((uint32_t) __half_as_ushort(m_h) << 16);
+        if (lane == 0) {
+            y->d = __half_as_ushort(d_h);
+            y->m = __half_as_ushort(m_h);
+        }
     }
     const float id = dq > 0.0f ? __fdiv_rn(1.0f, dq) : 0.0f;
     // values 2*lane and 2*lane + 1: low bits 4*(lane % 2) .. +3 of byte lane/2 of qs
@@ -175,15 +180,6 @@ static __device__ void quantize_lq_warp(const float * __restrict__ x, block * __
         hi |= __shfl_down_sync(0xffffffff, hi, 2);
         if (lane % 4 == 0) {
             y->qh[lane/4] = (uint8_t) hi;
-        }
-    }
-    if (lane == 0) {
-        if constexpr (QMAX == 7) {
-            y->d8 = (uint8_t) (head & 0xff);
-            y->m8 = (int8_t) (uint8_t) (head >> 8);
-        } else {
-            y->d = (ggml_fp16_t) (head & 0xffff);
-            y->m = (ggml_fp16_t) (head >> 16);
         }
     }
 }
