@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Issue 14's task cells on the GPU with the real Qwen2.5-Coder-0.5B (BENCHMARKS.md,
+# "passkey on the GPU"). The device takes 64 MiB a call, the model is 491 MB, so it
+# travels in pieces over consecutive calls to one warm machine, which keeps ignored
+# paths between calls:
+#   here:   split -b 50000000 -d -a 2 MODEL.gguf target/mx/q.      (and the dev texts,
+#           the sha256 of the model in target/mx/qwen.sha, target/dev/both.tar.xz as for
+#           scripts/gpu-dense-run.sh)
+#   device: STAGE=keep   bash scripts/gpu-real-model-run.sh   # carry one piece each call
+#           STAGE=tests  ...                                  # the CUDA tests
+#           STAGE=passkey ...                                 # join, check, run the cells
+# Every cell runs as its own process (the keys are drawn per context, depth and trial,
+# so splitting a grid changes no prompt); results come back as one archive.
+set -uo pipefail
+export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+K=target/keep
+mkdir -p $K target/run /tmp/res
+[ -x target/run/lq ] && [ target/run/lq -nt target/dev/both.tar.xz ] || xz -d < target/dev/both.tar.xz | tar -C target/run -xf -
+case "${STAGE:-keep}" in
+keep)
+  mv target/mx/* $K/ 2>/dev/null
+  ls $K | tr '\n' ' '; echo; du -sh $K
+  ;;
+tests)
+  mv target/mx/* $K/ 2>/dev/null
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/gpu.txt
+  target/run/cuda-tests --test-threads 1 2>&1 | tail -25 | tee $OUT/cuda-tests.txt
+  ;;
+passkey)
+  mv target/mx/* $K/ 2>/dev/null
+  M=$K/qwen.gguf
+  [ -f $M ] || cat $K/q.[0-9][0-9] > $M
+  want=$(cut -d' ' -f1 $K/qwen.sha)
+  have=$(sha256sum $M | cut -d' ' -f1)
+  [ "$want" = "$have" ] || { echo "model sha256 $have, expected $want: a piece is missing"; ls -la $K; exit 1; }
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee /tmp/res/gpu.txt
+  LQ="logquant:D=186:k=lq3:keys=channel"
+  # name:kv:contexts:depths, one process each
+  CELLS=${CELLS:-"f16-8192-50-90:f16:8192:50,90 lq-8192-50-90:$LQ:8192:50,90 f16-16384-10:f16:16384:10
+    f16-16384-50-90:f16:16384:50,90 lq-16384-10:$LQ:16384:10 lq-16384-50:$LQ:16384:50 lq-16384-90:$LQ:16384:90
+    lq-4096:$LQ:4096:10,50,90 lq-8192-10:$LQ:8192:10"}
+  for c in $CELLS; do
+    # kv holds ':' itself: it is everything between the name and the last two fields
+    name=${c%%:*}; rest=${c#*:}; depths=${rest##*:}; rest=${rest%:*}; ctx=${rest##*:}; kv=${rest%:*}
+    timeout ${EACH:-540} target/run/lq eval --task passkey -m $M -f $K/prose-dev.txt --contexts $ctx \
+      --depths $depths --trials ${TRIALS:-20} -t 2 --kv "$kv" --json /tmp/res/passkey-$name.json \
+      > /tmp/res/passkey-$name.txt 2> /tmp/res/passkey-$name.log &
+  done
+  wait
+  tar -C /tmp/res -czf $OUT/passkey.tgz .
+  grep -h "correct" /tmp/res/*.log | sed 's/.*passkey: //' | sort -u
+  ;;
+esac
