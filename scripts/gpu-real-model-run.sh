@@ -9,6 +9,7 @@
 #   device: STAGE=keep   bash scripts/gpu-real-model-run.sh   # carry one piece each call
 #           STAGE=tests  ...                                  # the CUDA tests
 #           STAGE=passkey ...                                 # join, check, run the cells
+#                                                             # (and the CUDA tests beside)
 # Every cell runs as its own process (the keys are drawn per context, depth and trial,
 # so splitting a grid changes no prompt); results come back as one archive.
 set -uo pipefail
@@ -34,6 +35,8 @@ passkey)
   have=$(sha256sum $M | cut -d' ' -f1)
   [ "$want" = "$have" ] || { echo "model sha256 $have, expected $want: a piece is missing"; ls -la $K; exit 1; }
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee /tmp/res/gpu.txt
+  # the CUDA tests beside the cells (TESTS=0: not)
+  [ "${TESTS:-1}" = 1 ] && (target/run/cuda-tests --test-threads 1 > /tmp/res/cuda-tests.txt 2>&1 &)
   LQ="logquant:D=186:k=lq3:keys=channel"
   # name:kv:contexts:depths, one process each
   CELLS=${CELLS:-"f16-8192-50-90:f16:8192:50,90 lq-8192-50-90:$LQ:8192:50,90 f16-16384-10:f16:16384:10
@@ -47,6 +50,8 @@ passkey)
       > /tmp/res/passkey-$name.txt 2> /tmp/res/passkey-$name.log &
   done
   wait
+  while pgrep -f target/run/cuda-tests > /dev/null; do sleep 2; done
+  tail -25 /tmp/res/cuda-tests.txt
   tar -C /tmp/res -czf $OUT/passkey.tgz .
   grep -h "correct" /tmp/res/*.log | sed 's/.*passkey: //' | sort -u
   ;;
