@@ -49,6 +49,15 @@ passkey)
       --depths $depths --trials ${TRIALS:-20} -t 2 --kv "$kv" --json /tmp/res/passkey-$name.json \
       > /tmp/res/passkey-$name.txt 2> /tmp/res/passkey-$name.log &
   done
+  # KLD against bits: logquant and streaming at several D, both texts (SWEEP=0: not)
+  if [ "${SWEEP:-1}" = 1 ]; then
+    C=":k=lq3:keys=channel"
+    KVS=q8_0/q4_0$(for d in 126 150 162 174 186 198 210; do printf ",logquant:D=$d$C"; done)$(for d in 96 112 120 128 136 144; do printf ",streaming:D=$d$C"; done)
+    for n in 4096 8192; do for t in code prose; do
+      timeout ${EACH:-540} target/run/lq eval -m $M -f $K/$t-dev.txt --tokens $n --step 16 -t 2 --kv $KVS \
+        --json /tmp/res/sweep-$t-$n.json > /tmp/res/sweep-$t-$n.txt 2> /tmp/res/sweep-$t-$n.log &
+    done; done
+  fi
   wait
   while pgrep -f target/run/cuda-tests > /dev/null; do sleep 2; done
   tail -25 /tmp/res/cuda-tests.txt
