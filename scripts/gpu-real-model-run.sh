@@ -25,7 +25,7 @@ keep)
 tests)
   mv target/mx/* $K/ 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/gpu.txt
-  target/run/cuda-tests --test-threads 1 2>&1 | tail -25 | tee $OUT/cuda-tests.txt
+  target/run/cuda-tests --test-threads 1 > $OUT/cuda-tests.txt 2>&1; tail -25 $OUT/cuda-tests.txt
   ;;
 passkey)
   mv target/mx/* $K/ 2>/dev/null
