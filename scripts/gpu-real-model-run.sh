@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 14's task cells on the GPU with the real Qwen2.5-Coder-0.5B (BENCHMARKS.md,
-# "passkey on the GPU"). The device takes 64 MiB a call, the model is 491 MB, so it
+# "Task accuracy: passkey at 8192 tokens"). The device takes 64 MiB a call, the model is 491 MB, so it
 # travels in pieces over consecutive calls to one warm machine, which keeps ignored
 # paths between calls:
 #   here:   split -b 50000000 -d -a 2 MODEL.gguf target/mx/q.      (and the dev texts,
