@@ -17,18 +17,17 @@ export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13
 K=target/keep
 mkdir -p $K target/run /tmp/res
 [ -x target/run/lq ] && [ target/run/lq -nt target/dev/both.tar.xz ] || xz -d < target/dev/both.tar.xz | tar -C target/run -xf -
+# every stage first keeps what this call carried in target/mx
+mv target/mx/* $K/ 2>/dev/null
 case "${STAGE:-keep}" in
 keep)
-  mv target/mx/* $K/ 2>/dev/null
   ls $K | tr '\n' ' '; echo; du -sh $K
   ;;
 tests)
-  mv target/mx/* $K/ 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/gpu.txt
   target/run/cuda-tests --test-threads 1 > $OUT/cuda-tests.txt 2>&1; tail -25 $OUT/cuda-tests.txt
   ;;
 passkey)
-  mv target/mx/* $K/ 2>/dev/null
   M=$K/qwen.gguf
   [ -f $M ] || cat $K/q.[0-9][0-9] > $M
   want=$(cut -d' ' -f1 $K/qwen.sha)

@@ -41,6 +41,14 @@ impl Format {
         }
     }
 
+    /// Bytes before the codes: the step and minimum (f16 each in lq2, a byte each in lq3).
+    pub fn header_bytes(self) -> usize {
+        match self {
+            Format::Lq2 => 4,
+            Format::Lq3 => 2,
+        }
+    }
+
     /// The ggml type id (`GGML_TYPE_LQ2` / `GGML_TYPE_LQ3` of the patched ggml.h).
     pub fn ggml_type(self) -> i32 {
         match self {
@@ -138,18 +146,17 @@ pub fn quantize_as(format: Format, x: &[f32]) -> Vec<u8> {
         let (lo, hi) = finite_or_inf.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
         let (lo, hi) = if lo > hi { (0.0, 0.0) } else { (lo.clamp(-F16_MAX, F16_MAX), hi.clamp(-F16_MAX, F16_MAX)) };
         let (m0, d0) = fit(group, lo, (hi - lo) / qmax as f32, qmax);
-        let (m, d) = if format == Format::Lq3 {
+        // the header as stored, then the (m, d) it decodes to: the codes are chosen
+        // against the values the block really holds
+        let header_at = out.len();
+        if format == Format::Lq3 {
             let (d8, m8) = lq3_scale(m0, d0);
             out.extend([d8, m8 as u8]);
-            let d = lq3_step(d8);
-            (0.5 * d * m8 as f32, d)
         } else {
-            let m_bits = f32_to_f16_bits(m0);
-            let d_bits = f32_to_f16_bits(d0);
-            out.extend(d_bits.to_le_bytes());
-            out.extend(m_bits.to_le_bytes());
-            (f16_bits_to_f32(m_bits), f16_bits_to_f32(d_bits))
-        };
+            out.extend(f32_to_f16_bits(d0).to_le_bytes());
+            out.extend(f32_to_f16_bits(m0).to_le_bytes());
+        }
+        let (m, d) = block_params_as(format, &out[header_at..]);
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut low = [0u8; BLOCK_VALUES / 4];
         let mut high = [0u8; BLOCK_VALUES / 8];
@@ -178,7 +185,7 @@ pub fn dequantize_as(format: Format, blocks: &[u8]) -> Vec<f32> {
     let mut out = Vec::with_capacity(blocks.len() / bb * BLOCK_VALUES);
     for b in blocks.chunks(bb) {
         let (m, d) = block_params_as(format, b);
-        let codes = if format == Format::Lq3 { 2 } else { 4 };
+        let codes = format.header_bytes();
         for j in 0..BLOCK_VALUES {
             let mut q = (b[codes + j / 4] >> (2 * (j % 4))) & 3;
             if format == Format::Lq3 {
